@@ -1,0 +1,1 @@
+"""The `grantwire` command line: serve the services, run the jobs, operate the system."""

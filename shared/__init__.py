@@ -1,0 +1,1 @@
+"""What every Grantwire service shares: contracts, messaging kit, MongoDB, logging."""

@@ -1,0 +1,309 @@
+"""The consumer policy every subscriber shares.
+
+- Never ack before the handler returned (its effect is committed).
+- A message that can never succeed (no id, unknown type, unknown major version,
+  invalid JSON, schema violation, oversize, or a handler's ``PermanentError``) goes
+  straight to the queue's dead-letter queue with the reason in its headers.
+- Any other failure is transient: the message is re-published to a delay tier (a TTL
+  queue that dead-letters back to the work queue) with an attempt counter, and after
+  ``max_attempts`` it is dead-lettered.
+- The message id, body and properties are kept byte for byte on every hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from pydantic import ValidationError
+
+from shared import metrics
+from shared.contracts import Event, major_version, model_for
+from shared.envelope import Envelope, EnvelopeError
+from shared.publisher import ConfirmingPublisher
+from shared.topology import (
+    DEFAULT_DELIVERY_LIMIT,
+    Naming,
+    RetryPolicy,
+    WorkQueue,
+    declare_work_queue,
+)
+
+Handler = Callable[[Event, Envelope], Awaitable[None]]
+
+H_REASON = "x-grantwire-reason"
+H_ERROR_TYPE = "x-grantwire-error-type"
+H_ERROR_MESSAGE = "x-grantwire-error-message"
+H_ATTEMPTS = "x-grantwire-attempts"
+H_SERVICE = "x-grantwire-service"
+H_QUEUE = "x-grantwire-queue"
+H_ORIGINAL_EXCHANGE = "x-grantwire-original-exchange"
+H_ORIGINAL_ROUTING_KEY = "x-grantwire-original-routing-key"
+H_FIRST_FAILURE_AT = "x-grantwire-first-failure-at"
+H_LAST_FAILURE_AT = "x-grantwire-last-failure-at"
+_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+_MAX_ERROR_TEXT = 1000
+
+
+class PermanentError(Exception):
+    """A message that can never succeed; it is dead-lettered with ``reason``, not retried."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """Limits and retry behaviour of one consumer."""
+
+    max_message_bytes: int = 256 * 1024
+    prefetch: int = 32
+    handler_timeout_s: float = 30.0
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class Consumer:
+    """Consumes one work queue and dispatches each event type to its handler."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        connection: AbstractConnection,
+        publisher: ConfirmingPublisher,
+        naming: Naming,
+        work_queue: WorkQueue,
+        handlers: Mapping[str, Handler],
+        settings: ConsumerSettings,
+    ) -> None:
+        self._service = service
+        self._connection = connection
+        self._publisher = publisher
+        self._naming = naming
+        self._work_queue = work_queue
+        self._handlers = dict(handlers)
+        self._settings = settings
+        self._channel: AbstractChannel | None = None
+        self._consumer_tag: str | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._log = structlog.get_logger("grantwire.consumer").bind(
+            service=service, queue=work_queue.name(naming)
+        )
+
+    @property
+    def queue_name(self) -> str:
+        return self._work_queue.name(self._naming)
+
+    async def start(self) -> None:
+        """Declare the topology and start consuming."""
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self._settings.prefetch)
+        queue = await declare_work_queue(
+            channel,
+            self._naming,
+            self._work_queue,
+            self._settings.retry,
+            self._settings.delivery_limit,
+        )
+        self._channel = channel
+        self._consumer_tag = await queue.consume(self._on_message)
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop taking messages, let in-flight ones finish, close the channel."""
+        channel = self._channel
+        if channel is None:
+            return
+        if self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                queue = await channel.get_queue(self.queue_name, ensure=False)
+                await queue.cancel(self._consumer_tag)
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout_s)
+        with contextlib.suppress(Exception):
+            await channel.close()
+        self._channel = None
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            await self._process(message)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        event_type = message.type or "unknown"
+        log = self._log.bind(event_id=message.message_id, event_type=event_type)
+        try:
+            envelope, event, handler = self._decode(message)
+            event_type = envelope.type
+            log = log.bind(correlation_id=envelope.correlation_id)
+            async with asyncio.timeout(self._settings.handler_timeout_s):
+                await handler(event, envelope)
+        except PermanentError as exc:
+            log.warning("dead-lettering poison message", reason=exc.reason, error=str(exc))
+            await self._dead_letter(message, reason=exc.reason, error=exc)
+            outcome = "dead_lettered"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcome = await self._retry_or_dead_letter(message, exc, log)
+        else:
+            await message.ack()
+            outcome = "handled"
+            log.info("message handled", duration_ms=round((time.perf_counter() - started) * 1e3, 2))
+        metrics.MESSAGES.labels(self._service, self.queue_name, event_type, outcome).inc()
+        metrics.HANDLER_SECONDS.labels(self._service, self.queue_name, event_type).observe(
+            time.perf_counter() - started
+        )
+
+    def _decode(self, message: AbstractIncomingMessage) -> tuple[Envelope, Event, Handler]:
+        """Envelope, event and handler of a message, or ``PermanentError`` why not."""
+        if len(message.body) > self._settings.max_message_bytes:
+            raise PermanentError(
+                "oversize",
+                f"body of {len(message.body)} bytes exceeds {self._settings.max_message_bytes}",
+            )
+        try:
+            envelope = Envelope.from_amqp(
+                body=message.body,
+                message_id=message.message_id,
+                headers=dict(message.headers or {}),
+                correlation_id=message.correlation_id,
+                message_type=message.type,
+                timestamp=message.timestamp,
+            )
+        except EnvelopeError as exc:
+            raise PermanentError("bad_envelope", str(exc)) from exc
+        handler = self._handlers.get(envelope.type)
+        if handler is None:
+            raise PermanentError("unknown_event_type", f"no handler for {envelope.type!r}")
+        model = model_for(envelope.type)
+        try:
+            known = major_version(envelope.schema_version) == major_version(model.schema_version)
+        except ValueError:
+            known = False
+        if not known:
+            raise PermanentError(
+                "unsupported_version",
+                f"{envelope.type} schema version {envelope.schema_version!r} is not "
+                f"{major_version(model.schema_version)}.x",
+            )
+        try:
+            data = json.loads(envelope.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PermanentError("invalid_json", f"body is not JSON: {exc}") from exc
+        try:
+            event = model.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<body>'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise PermanentError("schema_violation", problems) from exc
+        return envelope, event, handler
+
+    async def _retry_or_dead_letter(
+        self, message: AbstractIncomingMessage, exc: Exception, log: Any
+    ) -> str:
+        attempts = _int_header(message, H_ATTEMPTS) + 1
+        retry = self._settings.retry
+        if attempts >= retry.max_attempts:
+            log.error("dead-lettering after retries", attempts=attempts, error=repr(exc))
+            await self._dead_letter(message, reason="retries_exhausted", error=exc)
+            return "dead_lettered"
+        tier = retry.delay_tier(attempts)
+        log.warning("transient failure, retrying", attempts=attempts, tier=tier, error=repr(exc))
+        failure = self._failure_headers(message, exc, attempts, reason="transient")
+        try:
+            await self._publisher.publish_message(
+                _copy(message, failure),
+                exchange="",
+                routing_key=self._work_queue.retry_name(self._naming, tier),
+            )
+        except Exception as publish_exc:
+            # Could not park it: let the broker redeliver (its delivery limit still applies).
+            log.error("retry publish failed; requeueing", error=repr(publish_exc))
+            await message.nack(requeue=True)
+            return "requeued"
+        await message.ack()
+        return "retried"
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, *, reason: str, error: BaseException
+    ) -> None:
+        attempts = _int_header(message, H_ATTEMPTS) + 1
+        headers = self._failure_headers(message, error, attempts, reason=reason)
+        try:
+            await self._publisher.publish_message(
+                _copy(message, headers),
+                exchange=self._naming.dead_letter_exchange,
+                routing_key=self._work_queue.dlq_name(self._naming),
+            )
+        except Exception as publish_exc:
+            self._log.error("dead-letter publish failed; requeueing", error=repr(publish_exc))
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+
+    def _failure_headers(
+        self, message: AbstractIncomingMessage, error: BaseException, attempts: int, reason: str
+    ) -> dict[str, Any]:
+        now = datetime.now(UTC).isoformat()
+        headers = dict(message.headers or {})
+        return {
+            H_ORIGINAL_EXCHANGE: headers.get(H_ORIGINAL_EXCHANGE, message.exchange or ""),
+            H_ORIGINAL_ROUTING_KEY: headers.get(H_ORIGINAL_ROUTING_KEY, message.routing_key or ""),
+            H_FIRST_FAILURE_AT: headers.get(H_FIRST_FAILURE_AT, now),
+            H_LAST_FAILURE_AT: now,
+            H_ATTEMPTS: attempts,
+            H_REASON: reason,
+            H_ERROR_TYPE: type(error).__name__,
+            H_ERROR_MESSAGE: str(error)[:_MAX_ERROR_TEXT],
+            H_SERVICE: self._service,
+            H_QUEUE: self.queue_name,
+        }
+
+
+def _int_header(message: AbstractIncomingMessage, name: str) -> int:
+    value = (message.headers or {}).get(name, 0)
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def _copy(message: AbstractIncomingMessage, extra_headers: Mapping[str, Any]) -> aio_pika.Message:
+    """The same message (id, body, properties) with updated failure headers."""
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if not any(k.startswith(prefix) for prefix in _BROKER_HEADERS)
+    }
+    headers.update(extra_headers)
+    return aio_pika.Message(
+        body=message.body,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        app_id=message.app_id,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        timestamp=message.timestamp,
+        headers=headers,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )

@@ -1,0 +1,96 @@
+"""MongoDB helpers: one client per process, transactions with driver retries, indexes."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from pymongo import AsyncMongoClient, IndexModel, ReadPreference
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    ConnectionFailure,
+    ExecutionTimeout,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+    WTimeoutError,
+)
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
+
+Document = dict[str, Any]
+T = TypeVar("T")
+
+
+def create_client(
+    url: str, *, app_name: str, timeout_ms: int = 10_000
+) -> AsyncMongoClient[Document]:
+    """The process's one client: majority writes, retryable writes, aware datetimes."""
+    return AsyncMongoClient(
+        url,
+        appname=app_name,
+        w="majority",
+        retryWrites=True,
+        retryReads=True,
+        tz_aware=True,
+        serverSelectionTimeoutMS=timeout_ms,
+        timeoutMS=None,
+    )
+
+
+async def run_in_transaction(
+    client: AsyncMongoClient[Document],
+    work: Callable[[AsyncClientSession], Awaitable[T]],
+) -> T:
+    """Run ``work`` in a majority transaction; transient errors are retried by the driver.
+
+    ``work`` may run more than once, so it must only touch the database through the
+    session it is given.
+    """
+    async with client.start_session() as session:
+        return await session.with_transaction(
+            work,
+            read_concern=ReadConcern("snapshot"),
+            write_concern=WriteConcern("majority"),
+            read_preference=ReadPreference.PRIMARY,
+        )
+
+
+async def ensure_indexes(
+    db: AsyncDatabase[Document], indexes: Mapping[str, Sequence[IndexModel]]
+) -> None:
+    """Create every index (idempotent) and the collections (transactions need them)."""
+    existing = set(await db.list_collection_names())
+    for collection, models in indexes.items():
+        if collection not in existing:
+            try:
+                await db.create_collection(collection)
+            except OperationFailure as exc:
+                if exc.code != 48:  # NamespaceExists: a peer created it first
+                    raise
+        if models:
+            await db[collection].create_indexes(list(models))
+
+
+def is_duplicate_key(exc: BaseException) -> bool:
+    """True for a unique index violation (E11000), also inside a bulk/transaction error."""
+    return isinstance(exc, OperationFailure) and exc.code == 11000
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for database failures that may succeed later (retry, don't dead-letter)."""
+    if isinstance(
+        exc, ConnectionFailure | ServerSelectionTimeoutError | ExecutionTimeout | WTimeoutError
+    ):
+        return True
+    if isinstance(exc, PyMongoError):
+        return exc.has_error_label("TransientTransactionError") or exc.has_error_label(
+            "RetryableWriteError"
+        )
+    return False
+
+
+async def ping(client: AsyncMongoClient[Document]) -> None:
+    """Raise when the database does not answer."""
+    await client.admin.command("ping")

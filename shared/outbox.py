@@ -1,0 +1,263 @@
+"""Transactional outbox: events commit with the state change, a relay publishes them.
+
+``stage_events`` writes outbox documents inside the caller's transaction. The
+``OutboxRelay`` publishes pending documents with confirms and marks them sent. It wakes
+on a change stream (polling as a fallback), backs off while the broker is down, keeps
+order per aggregate in the steady state, and runs as the single active relay of its
+service through a lease, so several replicas never publish the same document twice
+unless one crashes between publish and mark (consumers dedupe that). Sent documents
+expire through a TTL index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from bson import ObjectId
+from pymongo import ASCENDING, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared.envelope import Envelope
+from shared.lease import Lease
+from shared.mongo import Document
+from shared.publisher import ConfirmingPublisher, PublishRejectedError, UnroutableError
+
+OUTBOX = "outbox"
+LEASES = "leases"
+log = structlog.get_logger("grantwire.outbox")
+
+
+def outbox_indexes(sent_retention: timedelta) -> dict[str, list[IndexModel]]:
+    """Indexes the outbox needs: pending scan, unique event id, TTL on sent documents."""
+    return {
+        OUTBOX: [
+            IndexModel([("status", ASCENDING), ("_id", ASCENDING)], name="pending_scan"),
+            IndexModel([("event_id", ASCENDING)], unique=True, name="event_id_unique"),
+            IndexModel(
+                [("sent_at", ASCENDING)],
+                expireAfterSeconds=int(sent_retention.total_seconds()),
+                name="sent_ttl",
+            ),
+        ],
+        LEASES: [],
+    }
+
+
+async def stage_events(
+    db: AsyncDatabase[Document],
+    session: AsyncClientSession,
+    envelopes: Sequence[Envelope],
+    *,
+    aggregate_id: str,
+) -> None:
+    """Write events to the outbox inside ``session``'s transaction, in order."""
+    if not envelopes:
+        return
+    now = datetime.now(UTC)
+    docs = [
+        {
+            "_id": ObjectId(),
+            "event_id": env.id,
+            "type": env.type,
+            "aggregate_id": aggregate_id,
+            "source": env.source,
+            "time": env.time,
+            "schema_version": env.schema_version,
+            "correlation_id": env.correlation_id,
+            "causation_id": env.causation_id,
+            "extra_headers": env.extra_headers,
+            "body": env.body,
+            "status": "pending",
+            "created_at": now,
+            "attempts": 0,
+        }
+        for env in envelopes
+    ]
+    await db[OUTBOX].insert_many(docs, session=session, ordered=True)
+
+
+def envelope_of(doc: Document) -> Envelope:
+    """Rebuild the envelope of an outbox document (same id as when it was staged)."""
+    return Envelope(
+        id=doc["event_id"],
+        type=doc["type"],
+        source=doc["source"],
+        time=doc["time"],
+        schema_version=doc["schema_version"],
+        correlation_id=doc["correlation_id"],
+        causation_id=doc.get("causation_id"),
+        body=bytes(doc["body"]),
+        extra_headers=dict(doc.get("extra_headers") or {}),
+    )
+
+
+class OutboxRelay:
+    """Publishes a service's pending outbox documents; one active relay per service."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        publisher: ConfirmingPublisher,
+        *,
+        owner: str,
+        lease_ttl: timedelta = timedelta(seconds=10),
+        poll_interval_s: float = 1.0,
+        batch_size: int = 200,
+        max_backoff_s: float = 15.0,
+    ) -> None:
+        self._db = db
+        self._publisher = publisher
+        self._lease = Lease(db[LEASES], "outbox-relay", owner, lease_ttl)
+        self._poll_interval_s = poll_interval_s
+        self._batch_size = batch_size
+        self._max_backoff_s = max_backoff_s
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.published = 0
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        """Start relaying in the background (and watching for new documents)."""
+        self._tasks = [
+            asyncio.create_task(self._run(), name="outbox-relay"),
+            asyncio.create_task(self._watch(), name="outbox-watch"),
+        ]
+
+    def wake(self) -> None:
+        """Publish soon (called after a commit in this process)."""
+        self._wake.set()
+
+    async def stop(self, flush_timeout_s: float = 10.0) -> None:
+        """Flush what is pending (within the timeout), stop, and release the lease."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), flush_timeout_s)
+        self._stopping.set()
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self._lease.release()
+
+    async def flush(self) -> None:
+        """Publish until nothing is pending that this relay can publish now."""
+        while await self._lease.acquire():
+            published, failed = await self.drain_once()
+            if failed:
+                await asyncio.sleep(0.2)
+            elif published == 0:
+                return
+
+    async def pending_stats(self) -> tuple[int, float]:
+        """Number of pending documents and the age in seconds of the oldest."""
+        outbox = self._db[OUTBOX]
+        count = await outbox.count_documents({"status": "pending"})
+        oldest = await outbox.find_one({"status": "pending"}, sort=[("_id", ASCENDING)])
+        age = (datetime.now(UTC) - oldest["created_at"]).total_seconds() if oldest else 0.0
+        return count, age
+
+    async def drain_once(self) -> tuple[int, int]:
+        """Publish one batch; returns (published, failed)."""
+        now = datetime.now(UTC)
+        docs = await (
+            self._db[OUTBOX]
+            .find({"status": "pending"})
+            .sort("_id", ASCENDING)
+            .limit(self._batch_size)
+            .to_list()
+        )
+        batch: list[Document] = []
+        waiting: set[str] = set()
+        for doc in docs:
+            due = doc.get("next_attempt_at")
+            if doc["aggregate_id"] in waiting or (due is not None and due > now):
+                waiting.add(doc["aggregate_id"])  # keep order: later events of it wait too
+                continue
+            batch.append(doc)
+        if not batch:
+            return 0, 0
+        results = await self._publisher.publish_many([envelope_of(d) for d in batch])
+        sent = [d["_id"] for d, r in zip(batch, results, strict=True) if r is None]
+        if sent:
+            await self._db[OUTBOX].update_many(
+                {"_id": {"$in": sent}},
+                {"$set": {"status": "sent", "sent_at": datetime.now(UTC)}},
+            )
+            self.published += len(sent)
+        failures = [(d, r) for d, r in zip(batch, results, strict=True) if r is not None]
+        for doc, error in failures:
+            await self._record_failure(doc, error)
+        return len(sent), len(failures)
+
+    async def _record_failure(self, doc: Document, error: BaseException) -> None:
+        self.last_error = f"{type(error).__name__}: {error}"
+        log.warning(
+            "outbox publish failed",
+            event_id=doc["event_id"],
+            event_type=doc["type"],
+            correlation_id=doc["correlation_id"],
+            error=self.last_error,
+        )
+        if isinstance(error, UnroutableError | PublishRejectedError):
+            # Only this document's aggregate waits; others keep flowing.
+            attempts = int(doc.get("attempts", 0)) + 1
+            delay = min(self._max_backoff_s, 0.5 * 2 ** min(attempts, 10))
+            update: dict[str, Any] = {
+                "$set": {
+                    "attempts": attempts,
+                    "last_error": self.last_error,
+                    "next_attempt_at": datetime.now(UTC) + timedelta(seconds=delay),
+                }
+            }
+            await self._db[OUTBOX].update_one({"_id": doc["_id"]}, update)
+
+    async def _run(self) -> None:
+        backoff = 0.0
+        while not self._stopping.is_set():
+            try:
+                if not await self._lease.acquire():
+                    await self._sleep(self._lease.ttl.total_seconds() / 3)
+                    continue
+                published, failed = await self.drain_once()
+                if failed and not published:
+                    backoff = min(self._max_backoff_s, max(0.2, backoff * 2))
+                    await self._sleep(backoff)
+                    continue
+                backoff = 0.0
+                if published == 0:
+                    await self._sleep(self._poll_interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker or database down: back off, keep going
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("outbox relay error", error=self.last_error)
+                backoff = min(self._max_backoff_s, max(0.2, backoff * 2))
+                await self._sleep(backoff)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _watch(self) -> None:
+        """Wake the relay on inserts; polling covers the gaps when the stream fails."""
+        while not self._stopping.is_set():
+            try:
+                pipeline = [{"$match": {"operationType": "insert"}}]
+                async with await self._db[OUTBOX].watch(pipeline) as stream:
+                    async for _change in stream:
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("outbox change stream interrupted", error=str(exc))
+                await asyncio.sleep(self._poll_interval_s)

@@ -1,0 +1,175 @@
+"""The IO of one service process: database, broker, consumers and outbox relay.
+
+A service's composition root builds one ``ServiceRuntime``, registers its consumers,
+and starts/stops it from the HTTP app's lifespan. Stop order matters: stop consuming,
+let in-flight messages finish, flush the outbox, then close the connections.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+from pymongo import AsyncMongoClient, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared import metrics
+from shared.consumer import Consumer, Handler
+from shared.logging import mask_url
+from shared.mongo import Document, create_client, ensure_indexes, ping, run_in_transaction
+from shared.outbox import OutboxRelay, outbox_indexes
+from shared.publisher import ConfirmingPublisher
+from shared.settings import ServiceSettings
+from shared.topology import WorkQueue, declare_exchanges
+
+T = TypeVar("T")
+log = structlog.get_logger("grantwire.runtime")
+
+
+class ServiceRuntime:
+    """Owns the process's one Mongo client, one AMQP connection, consumers and relay."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        settings: ServiceSettings,
+        indexes: Mapping[str, Sequence[IndexModel]],
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self.naming = settings.naming()
+        self._indexes = {**outbox_indexes(settings.sent_retention()), **indexes}
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._client: AsyncMongoClient[Document] | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: ConfirmingPublisher | None = None
+        self._relay: OutboxRelay | None = None
+        self._subscriptions: list[tuple[WorkQueue, Mapping[str, Handler]]] = []
+        self._consumers: list[Consumer] = []
+
+    # -- wiring -----------------------------------------------------------------------
+    def subscribe(self, work_queue: WorkQueue, handlers: Mapping[str, Handler]) -> None:
+        """Register a work queue and its handlers (before ``start``)."""
+        self._subscriptions.append((work_queue, handlers))
+
+    @property
+    def client(self) -> AsyncMongoClient[Document]:
+        assert self._client is not None, "runtime not started"
+        return self._client
+
+    @property
+    def db(self) -> AsyncDatabase[Document]:
+        return self.client[self.settings.mongo_db]
+
+    @property
+    def publisher(self) -> ConfirmingPublisher:
+        assert self._publisher is not None, "runtime not started"
+        return self._publisher
+
+    @property
+    def relay(self) -> OutboxRelay:
+        assert self._relay is not None, "runtime not started"
+        return self._relay
+
+    async def commit(self, work: Callable[[AsyncClientSession], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction, then wake the relay for its outbox events."""
+        result = await run_in_transaction(self.client, work)
+        if self._relay is not None:
+            self._relay.wake()
+        return result
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self, *, consume: bool = True) -> None:
+        """Connect, declare indexes and topology, start the relay and the consumers."""
+        settings = self.settings
+        log.info(
+            "starting",
+            amqp=mask_url(settings.amqp_url.get_secret_value()),
+            mongo=mask_url(settings.mongo_url.get_secret_value()),
+            database=settings.mongo_db,
+        )
+        self._client = create_client(settings.mongo_url.get_secret_value(), app_name=self.service)
+        await ensure_indexes(self.db, self._indexes)
+        self._connection = await aio_pika.connect_robust(
+            settings.amqp_url.get_secret_value(),
+            client_properties={"connection_name": f"{self.service}:{self.instance_id}"},
+        )
+        setup = await self._connection.channel()
+        await declare_exchanges(setup, self.naming)
+        await setup.close()
+        self._publisher = await ConfirmingPublisher.open(
+            self._connection, self.naming.events_exchange
+        )
+        self._relay = OutboxRelay(
+            self.db,
+            self._publisher,
+            owner=self.instance_id,
+            poll_interval_s=settings.outbox_poll_interval_s,
+        )
+        await self._relay.start()
+        if consume:
+            await self.start_consumers()
+
+    async def start_consumers(self) -> None:
+        """Declare each work queue and start consuming it."""
+        assert self._connection is not None and self._publisher is not None
+        for work_queue, handlers in self._subscriptions:
+            consumer = Consumer(
+                service=self.service,
+                connection=self._connection,
+                publisher=self._publisher,
+                naming=self.naming,
+                work_queue=work_queue,
+                handlers=handlers,
+                settings=self.settings.consumer_settings(),
+            )
+            await consumer.start()
+            self._consumers.append(consumer)
+
+    async def stop(self) -> None:
+        """Stop consuming, finish in-flight messages, flush the outbox, close."""
+        grace = self.settings.shutdown_grace_s
+        for consumer in self._consumers:
+            await consumer.stop(timeout_s=grace / 2)
+        self._consumers.clear()
+        if self._relay is not None:
+            await self._relay.stop(flush_timeout_s=grace / 3)
+        if self._connection is not None:
+            await self._connection.close()
+        if self._client is not None:
+            await self._client.close()
+        log.info("stopped")
+
+    # -- health -----------------------------------------------------------------------
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, checks): broker connected, database reachable, outbox not stuck."""
+        checks: dict[str, Any] = {}
+        connection = self._connection
+        checks["broker"] = "ok" if connection is not None and not connection.is_closed else "down"
+        try:
+            await ping(self.client)
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"down: {type(exc).__name__}"
+        if checks["database"] == "ok" and self._relay is not None:
+            pending, oldest = await self._relay.pending_stats()
+            metrics.OUTBOX_PENDING.labels(self.service).set(pending)
+            metrics.OUTBOX_OLDEST_AGE.labels(self.service).set(oldest)
+            stuck = oldest > self.settings.outbox_stuck_after_s
+            checks["outbox"] = {
+                "status": "stuck" if stuck else "ok",
+                "pending": pending,
+                "oldest_pending_s": round(oldest, 3),
+                "last_error": self._relay.last_error,
+            }
+        ready = checks["broker"] == "ok" and checks["database"] == "ok"
+        ready = ready and checks.get("outbox", {}).get("status") == "ok"
+        return ready, checks

@@ -1,0 +1,51 @@
+"""Base settings: every service is configured only by environment variables."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.consumer import ConsumerSettings
+from shared.topology import Naming, RetryPolicy
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service shares (prefix ``GRANTWIRE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GRANTWIRE_", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    mongo_url: SecretStr = SecretStr("mongodb://127.0.0.1:27017/?replicaSet=rs0")
+    mongo_db: str = ""
+    namespace: str = Field(default="", description="prefix of every exchange and queue name")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    log_level: str = "INFO"
+    log_json: bool | None = None
+    max_message_bytes: int = 256 * 1024
+    prefetch: int = 32
+    handler_timeout_s: float = 30.0
+    retry_delays_s: tuple[float, ...] = (1.0, 5.0, 30.0)
+    max_attempts: int = 5
+    delivery_limit: int = 20
+    outbox_poll_interval_s: float = 1.0
+    outbox_sent_retention_hours: float = 72.0
+    outbox_stuck_after_s: float = 60.0
+    shutdown_grace_s: float = 20.0
+
+    def naming(self) -> Naming:
+        return Naming(self.namespace)
+
+    def consumer_settings(self) -> ConsumerSettings:
+        return ConsumerSettings(
+            max_message_bytes=self.max_message_bytes,
+            prefetch=self.prefetch,
+            handler_timeout_s=self.handler_timeout_s,
+            delivery_limit=self.delivery_limit,
+            retry=RetryPolicy(self.retry_delays_s, self.max_attempts),
+        )
+
+    def sent_retention(self) -> timedelta:
+        return timedelta(hours=self.outbox_sent_retention_hours)
