@@ -14,3 +14,16 @@ app = typer.Typer(no_args_is_help=True, help="Grantwire: referral credits, grant
 @app.callback()
 def main() -> None:
     """Grantwire command line."""
+
+
+SERVICES = ("organizations", "invitations", "billing")
+
+
+@app.command()
+def serve(service: str = typer.Argument(..., help="organizations | invitations | billing")) -> None:
+    """Run one service (its consumers, outbox relay and HTTP API) until SIGTERM."""
+    if service not in SERVICES:
+        raise typer.BadParameter(f"unknown service {service!r}; choose one of {SERVICES}")
+    import importlib
+
+    importlib.import_module(f"services.{service}.__main__").main()

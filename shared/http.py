@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.runtime import ServiceRuntime
+from shared.settings import ServiceSettings
 
 
 class ApiError(Exception):
@@ -91,3 +92,17 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, **kwargs: Any) ->
     install_error_handlers(app)
     app.include_router(ops_router(runtime))
     return app
+
+
+def serve(app: FastAPI, settings: ServiceSettings) -> None:
+    """Run the service's HTTP server; SIGTERM drains through the app's lifespan."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )

@@ -61,6 +61,11 @@ class ServiceRuntime:
         self._subscriptions.append((work_queue, handlers))
 
     @property
+    def work_queues(self) -> list[WorkQueue]:
+        """The work queues this runtime consumes (declared on start)."""
+        return [work_queue for work_queue, _ in self._subscriptions]
+
+    @property
     def client(self) -> AsyncMongoClient[Document]:
         assert self._client is not None, "runtime not started"
         return self._client

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,10 +20,13 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from shared.contracts import Event
 from shared.envelope import Envelope
+from shared.runtime import ServiceRuntime
+from shared.settings import ServiceSettings
 from shared.topology import Naming, RetryPolicy, WorkQueue, delete_work_queue
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
+S = TypeVar("S", bound=ServiceSettings)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,26 @@ class Isolation:
             "GRANTWIRE_MONGO_DB": self.db_name(service),
             **extra,
         }
+
+    def settings(self, cls: type[S], service: str, **overrides: Any) -> S:
+        """Service settings pointing at this isolation, with test-friendly timings."""
+        values: dict[str, Any] = {
+            "amqp_url": self.urls.amqp_url,
+            "mongo_url": self.urls.mongo_url,
+            "mongo_db": self.db_name(service),
+            "namespace": self.naming.namespace,
+            "retry_delays_s": (0.05, 0.1),
+            "max_attempts": 3,
+            "outbox_poll_interval_s": 0.2,
+            "shutdown_grace_s": 5.0,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def track_runtime(self, runtime: ServiceRuntime) -> None:
+        """Delete every queue family of ``runtime`` at teardown."""
+        for work_queue in runtime.work_queues:
+            self.track(work_queue, runtime.settings.consumer_settings().retry)
 
     def track(self, work_queue: WorkQueue, retry: RetryPolicy) -> None:
         """Delete this queue family at teardown."""
@@ -181,3 +205,28 @@ async def publish_event(
     await publisher.publish(envelope)
     await publisher.channel.close()
     return envelope
+
+
+@dataclass
+class RunningService:
+    """A service started in-process: its runtime and an HTTP client on its app."""
+
+    runtime: ServiceRuntime
+    http: Any  # httpx.AsyncClient
+
+
+@asynccontextmanager
+async def running_service(
+    runtime: ServiceRuntime, app: Any, isolation: Isolation
+) -> AsyncIterator[RunningService]:
+    """Start ``runtime`` (consumers, relay) and serve ``app`` over an in-memory transport."""
+    import httpx
+
+    isolation.track_runtime(runtime)
+    await runtime.start()
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+            yield RunningService(runtime, http)
+    finally:
+        await runtime.stop()
