@@ -35,7 +35,7 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy shared services/organizations/domain.py services/invitations/domain.py services/billing/domain.py
+	$(BIN)/mypy shared $(wildcard services/*/domain.py)
 	$(BIN)/lint-imports
 
 fmt: install
