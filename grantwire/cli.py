@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import typer
 
+from grantwire import publish
+
 app = typer.Typer(no_args_is_help=True, help="Grantwire: referral credits, granted at once.")
+publish.register(app)
 
 
 @app.callback()
