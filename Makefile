@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: install infra-up infra-down test test-unit test-integration lint fmt clean
+.PHONY: install lock infra-up infra-down demo up down test test-unit lint fmt clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,17 @@ infra-up: install
 
 infra-down:
 	$(BIN)/python deploy/local/infra.py down
+
+# The main job: the whole referral story on three real service processes.
+demo: install infra-up
+	$(BIN)/grantwire demo
+
+# Keep the system running for exploration (URLs printed); `make down` stops it.
+up: install infra-up
+	$(BIN)/grantwire up
+
+down:
+	$(BIN)/grantwire down
 
 test: install infra-up
 	$(BIN)/pytest -q

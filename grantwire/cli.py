@@ -14,6 +14,31 @@ app = typer.Typer(no_args_is_help=True, help="Grantwire: referral credits, grant
 publish.register(app)
 
 
+@app.command()
+def demo() -> None:
+    """Play the whole referral story on three real local service processes."""
+    from grantwire import demo as story
+
+    raise typer.Exit(story.main(keep_running=False))
+
+
+@app.command()
+def up() -> None:
+    """Start the three services in the background (demo configuration) and print URLs."""
+    from grantwire import demo as story
+
+    raise typer.Exit(story.main(keep_running=True))
+
+
+@app.command()
+def down() -> None:
+    """Stop the services `grantwire up` started."""
+    from grantwire.system import stop_saved
+
+    stopped = stop_saved()
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
 @app.callback()
 def main() -> None:
     """Grantwire command line."""
