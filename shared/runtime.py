@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import aio_pika
@@ -22,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from shared import metrics
 from shared.consumer import Consumer, Handler
+from shared.deadletters import DeadLetterKeeper, dead_letter_indexes
 from shared.logging import mask_url
 from shared.mongo import Document, create_client, ensure_indexes, ping, run_in_transaction
 from shared.outbox import OutboxRelay, outbox_indexes
@@ -46,7 +48,11 @@ class ServiceRuntime:
         self.service = service
         self.settings = settings
         self.naming = settings.naming()
-        self._indexes = {**outbox_indexes(settings.sent_retention()), **indexes}
+        self._indexes = {
+            **outbox_indexes(settings.sent_retention()),
+            **dead_letter_indexes(timedelta(days=settings.dead_letter_purged_retention_days)),
+            **indexes,
+        }
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._client: AsyncMongoClient[Document] | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -54,6 +60,7 @@ class ServiceRuntime:
         self._relay: OutboxRelay | None = None
         self._subscriptions: list[tuple[WorkQueue, Mapping[str, Handler]]] = []
         self._consumers: list[Consumer] = []
+        self._keeper: DeadLetterKeeper | None = None
 
     # -- wiring -----------------------------------------------------------------------
     def subscribe(self, work_queue: WorkQueue, handlers: Mapping[str, Handler]) -> None:
@@ -138,6 +145,15 @@ class ServiceRuntime:
             )
             await consumer.start()
             self._consumers.append(consumer)
+        if self.settings.keep_dead_letters and self._subscriptions:
+            self._keeper = DeadLetterKeeper(
+                service=self.service,
+                connection=self._connection,
+                db=self.db,
+                naming=self.naming,
+                work_queues=self.work_queues,
+            )
+            await self._keeper.start()
 
     async def stop(self) -> None:
         """Stop consuming, finish in-flight messages, flush the outbox, close."""
@@ -145,6 +161,9 @@ class ServiceRuntime:
         for consumer in self._consumers:
             await consumer.stop(timeout_s=grace / 2)
         self._consumers.clear()
+        if self._keeper is not None:
+            await self._keeper.stop()
+            self._keeper = None
         if self._relay is not None:
             await self._relay.stop(flush_timeout_s=grace / 3)
         if self._connection is not None:

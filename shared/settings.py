@@ -34,6 +34,8 @@ class ServiceSettings(BaseSettings):
     outbox_sent_retention_hours: float = 72.0
     outbox_stuck_after_s: float = 60.0
     shutdown_grace_s: float = 20.0
+    keep_dead_letters: bool = True
+    dead_letter_purged_retention_days: float = 30.0
 
     def naming(self) -> Naming:
         return Naming(self.namespace)

@@ -53,6 +53,7 @@ def settings_for(isolation: Isolation, **overrides: object) -> ServiceSettings:
         "retry_delays_s": (0.05, 0.1),
         "max_attempts": 3,
         "outbox_poll_interval_s": 0.2,
+        "keep_dead_letters": False,  # these tests read the dead-letter queue itself
     }
     values.update(overrides)
     return ServiceSettings(**values)  # type: ignore[arg-type]

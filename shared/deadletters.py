@@ -1,0 +1,192 @@
+"""Dead letters kept where operators can query them without touching the broker.
+
+Each service runs a ``DeadLetterKeeper`` beside its consumers: it moves every message of
+its dead-letter queues, byte for byte with all properties and headers, into the
+service's own ``dead_letters`` collection and acks it only after the insert is committed
+(majority). A crash between insert and ack redelivers the message; a unique key on
+(queue, message id, failure time) turns that second insert into a no-op, so nothing is
+lost and nothing is kept twice. Listing and replay then work on the collection, never by
+browsing (and so reordering) a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from shared.consumer import (
+    H_ATTEMPTS,
+    H_ERROR_MESSAGE,
+    H_ERROR_TYPE,
+    H_FIRST_FAILURE_AT,
+    H_LAST_FAILURE_AT,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_REASON,
+)
+from shared.envelope import H_CORRELATION_ID
+from shared.mongo import Document
+from shared.topology import Naming, WorkQueue
+
+DEAD_LETTERS = "dead_letters"
+DEAD_LETTER_AUDIT = "dead_letter_audit"
+log = structlog.get_logger("grantwire.deadletters")
+
+
+def dead_letter_indexes(purged_retention: timedelta) -> dict[str, list[IndexModel]]:
+    """Indexes of the dead-letter archive (the TTL expires purged letters only)."""
+    return {
+        DEAD_LETTERS: [
+            IndexModel(
+                [("queue", ASCENDING), ("message_id", ASCENDING), ("failed_at", ASCENDING)],
+                unique=True,
+                name="one_copy_per_failure",
+            ),
+            IndexModel([("status", ASCENDING), ("failed_at", DESCENDING)], name="by_status"),
+            IndexModel([("event_type", ASCENDING), ("error_type", ASCENDING)], name="by_kind"),
+            IndexModel(
+                [("purged_at", ASCENDING)],
+                expireAfterSeconds=int(purged_retention.total_seconds()),
+                name="purged_ttl",
+            ),
+        ],
+        DEAD_LETTER_AUDIT: [],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Header values as BSON-friendly plain values (bytes and nested tables included)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str | bytes):
+        text = value.decode() if isinstance(value, bytes) else value
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(text)
+    return None
+
+
+def dead_letter_document(message: AbstractIncomingMessage, *, service: str) -> Document:
+    """The archive document of one dead-lettered message (everything needed to replay)."""
+    headers: dict[str, Any] = _plain(dict(message.headers or {}))
+    deaths = headers.get("x-death") or []
+    broker_death = deaths[0] if deaths else {}
+    reason = headers.get(H_REASON) or (f"broker:{broker_death['reason']}" if deaths else "unknown")
+    failed_at = (
+        _parse_time(headers.get(H_LAST_FAILURE_AT))
+        or _parse_time(broker_death.get("time"))
+        or datetime.now(UTC)
+    )
+    work_queue = str(broker_death.get("queue") or headers.get("x-grantwire-queue") or "")
+    return {
+        "_id": ObjectId(),
+        "message_id": message.message_id or "",
+        "queue": message.routing_key or "",
+        "work_queue": work_queue,
+        "service": service,
+        "event_type": message.type or headers.get("cloudEvents:type") or "unknown",
+        "correlation_id": message.correlation_id or headers.get(H_CORRELATION_ID),
+        "original_exchange": headers.get(H_ORIGINAL_EXCHANGE)
+        or (broker_death.get("exchange") if deaths else ""),
+        "original_routing_key": headers.get(H_ORIGINAL_ROUTING_KEY)
+        or ((broker_death.get("routing-keys") or [""])[0] if deaths else ""),
+        "reason": reason,
+        "error_type": headers.get(H_ERROR_TYPE) or reason,
+        "error_message": headers.get(H_ERROR_MESSAGE, ""),
+        "attempts": int(headers.get(H_ATTEMPTS) or broker_death.get("count") or 0),
+        "first_failure_at": _parse_time(headers.get(H_FIRST_FAILURE_AT)) or failed_at,
+        "failed_at": failed_at,
+        "received_at": datetime.now(UTC),
+        "status": "dead",
+        "body": message.body,
+        "properties": {
+            "message_id": message.message_id,
+            "correlation_id": message.correlation_id,
+            "type": message.type,
+            "app_id": message.app_id,
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+            "timestamp": _plain(message.timestamp),
+            "delivery_mode": int(message.delivery_mode or 2),
+            "headers": headers,
+        },
+        "history": [],
+    }
+
+
+class DeadLetterKeeper:
+    """Moves a service's dead-letter queues into its ``dead_letters`` collection."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        connection: AbstractConnection,
+        db: AsyncDatabase[Document],
+        naming: Naming,
+        work_queues: list[WorkQueue],
+    ) -> None:
+        self._service = service
+        self._connection = connection
+        self._db = db
+        self._names = [wq.dlq_name(naming) for wq in work_queues]
+        self._channel: AbstractChannel | None = None
+        self.kept = 0
+
+    async def start(self) -> None:
+        """Consume each dead-letter queue (declared by the consumers before this)."""
+        if not self._names:
+            return
+        self._channel = await self._connection.channel()
+        await self._channel.set_qos(prefetch_count=50)
+        for name in self._names:
+            queue = await self._channel.get_queue(name, ensure=True)
+            await queue.consume(self._keep)
+
+    async def stop(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+            self._channel = None
+
+    async def _keep(self, message: AbstractIncomingMessage) -> None:
+        doc = dead_letter_document(message, service=self._service)
+        try:
+            await self._db[DEAD_LETTERS].insert_one(doc)
+        except DuplicateKeyError:
+            pass  # kept before a crash: this is the redelivery of an archived letter
+        except Exception as exc:
+            log.error("could not archive dead letter; it stays queued", error=repr(exc))
+            await asyncio.sleep(1.0)  # the database is down: hold the slot, don't spin
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+        self.kept += 1
+        log.warning(
+            "dead letter archived",
+            event_id=doc["message_id"],
+            event_type=doc["event_type"],
+            correlation_id=doc["correlation_id"],
+            queue=doc["queue"],
+            reason=doc["reason"],
+        )
