@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import typer
 
-from grantwire import publish
+from grantwire import dlq, publish
 
 app = typer.Typer(no_args_is_help=True, help="Grantwire: referral credits, granted at once.")
 publish.register(app)
+dlq.register(app)
 
 
 @app.command()

@@ -1,0 +1,641 @@
+"""`grantwire dlq`: inspect, replay and purge dead letters — safely, with an audit trail.
+
+Dead letters are read from each service's ``dead_letters`` collection (the services'
+keepers move them there from the broker), so listing never consumes, requeues or
+reorders anything in RabbitMQ. Replay claims each letter (``dead`` -> ``replaying``)
+before publishing it with its original message id, correlation id and body, and marks
+it ``replayed`` after the broker's confirm: an interrupted run never re-sends a letter
+by itself on the next run. Purge archives (``purged``, expired by a TTL index later).
+Every replay and purge writes an audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import aio_pika
+import typer
+from bson import ObjectId
+from bson.errors import InvalidId
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
+from shared.mongo import Document, create_client
+from shared.publisher import ConfirmingPublisher
+
+FAILURE_HEADER_PREFIX = "x-grantwire-"
+H_REPLAY = "x-grantwire-replay"
+SERVICES = ("organizations", "invitations", "billing")
+
+
+class DlqSettings(BaseSettings):
+    """Where the dead letters are: the services' databases and the broker."""
+
+    model_config = SettingsConfigDict(env_prefix="GRANTWIRE_", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    mongo_url: SecretStr = SecretStr("mongodb://127.0.0.1:27017/?replicaSet=rs0")
+    dlq_databases: dict[str, str] = {s: f"grantwire_{s}" for s in SERVICES}
+
+
+@dataclass
+class Filter:
+    """Which dead letters an operation concerns."""
+
+    ids: list[str] = field(default_factory=list)
+    service: str | None = None
+    queue: str | None = None
+    event_type: str | None = None
+    error: str | None = None
+    since: datetime | None = None
+    before: datetime | None = None
+    min_attempts: int | None = None
+    statuses: tuple[str, ...] = ("dead",)
+
+    def query(self) -> Document:
+        query: Document = {"status": {"$in": list(self.statuses)}}
+        if self.ids:
+            try:
+                query["_id"] = {"$in": [ObjectId(i) for i in self.ids]}
+            except InvalidId as exc:
+                raise typer.BadParameter(f"not a dead-letter id: {exc}") from exc
+        if self.queue:
+            query["$or"] = [{"queue": self.queue}, {"work_queue": self.queue}]
+        if self.event_type:
+            query["event_type"] = self.event_type
+        if self.error:
+            pattern = {"$regex": re.escape(self.error), "$options": "i"}
+            query.setdefault("$and", []).append(
+                {"$or": [{"error_type": pattern}, {"error_message": pattern}, {"reason": pattern}]}
+            )
+        if self.since or self.before:
+            query["failed_at"] = {}
+            if self.since:
+                query["failed_at"]["$gte"] = self.since
+            if self.before:
+                query["failed_at"]["$lt"] = self.before
+        if self.min_attempts is not None:
+            query["attempts"] = {"$gte": self.min_attempts}
+        return query
+
+    def describe(self) -> Document:
+        return {
+            k: (v.isoformat() if isinstance(v, datetime) else v)
+            for k, v in self.__dict__.items()
+            if v
+        }
+
+
+class DeadLetterStore:
+    """The dead-letter collections of the services, read and changed together."""
+
+    def __init__(self, client: AsyncMongoClient[Document], databases: dict[str, str]) -> None:
+        self._client = client
+        self.databases = databases
+
+    def db(self, service: str) -> AsyncDatabase[Document]:
+        return self._client[self.databases[service]]
+
+    def services(self, only: str | None) -> list[str]:
+        if only is not None and only not in self.databases:
+            raise typer.BadParameter(f"unknown service {only!r}; known: {sorted(self.databases)}")
+        return [only] if only else list(self.databases)
+
+    async def find(self, flt: Filter, limit: int = 0) -> list[Document]:
+        letters: list[Document] = []
+        for service in self.services(flt.service):
+            cursor = self.db(service)[DEAD_LETTERS].find(flt.query()).sort("failed_at", 1)
+            if limit:
+                cursor = cursor.limit(limit)
+            for doc in await cursor.to_list():
+                doc["service"] = service
+                letters.append(doc)
+        letters.sort(key=lambda d: d["failed_at"])
+        return letters[:limit] if limit else letters
+
+    async def get(self, letter_id: str) -> Document | None:
+        try:
+            oid = ObjectId(letter_id)
+        except InvalidId as exc:
+            raise typer.BadParameter(f"not a dead-letter id: {letter_id!r}") from exc
+        for service in self.databases:
+            doc = await self.db(service)[DEAD_LETTERS].find_one({"_id": oid})
+            if doc is not None:
+                return doc
+        return None
+
+    async def audit(self, services: set[str], record: Document) -> None:
+        for service in sorted(services) or [next(iter(self.databases))]:
+            await self.db(service)[DEAD_LETTER_AUDIT].insert_one(dict(record))
+
+
+def summary_row(doc: Document) -> Document:
+    return {
+        "id": str(doc["_id"]),
+        "service": doc["service"],
+        "queue": doc["queue"],
+        "event_type": doc["event_type"],
+        "reason": doc["reason"],
+        "error_type": doc["error_type"],
+        "error": (doc.get("error_message") or "")[:80],
+        "attempts": doc["attempts"],
+        "failed_at": doc["failed_at"].isoformat(),
+        "status": doc["status"],
+        "message_id": doc["message_id"],
+    }
+
+
+def grouped(letters: list[Document]) -> list[Document]:
+    counts = Counter((d["queue"], d["event_type"], d["error_type"]) for d in letters)
+    return [
+        {"queue": q, "event_type": t, "error_type": e, "count": n}
+        for (q, t, e), n in counts.most_common()
+    ]
+
+
+def replay_message(doc: Document, replay: Document) -> aio_pika.Message:
+    """The original message again: same id, correlation id, body; failure headers reset."""
+    props = doc["properties"]
+    headers = {
+        k: v
+        for k, v in (props.get("headers") or {}).items()
+        if not k.startswith(FAILURE_HEADER_PREFIX)
+        and not k.startswith("x-death")
+        and not k.startswith("x-first-death")
+        and not k.startswith("x-last-death")
+    }
+    headers[H_REPLAY] = json.dumps(replay, default=str)
+    timestamp = props.get("timestamp")
+    return aio_pika.Message(
+        body=bytes(doc["body"]),
+        message_id=props.get("message_id"),
+        correlation_id=props.get("correlation_id"),
+        type=props.get("type"),
+        app_id=props.get("app_id"),
+        content_type=props.get("content_type"),
+        content_encoding=props.get("content_encoding"),
+        timestamp=timestamp,
+        headers=headers,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+@dataclass
+class ReplayReport:
+    operation_id: str
+    selected: int = 0
+    replayed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    interrupted_before: int = 0
+    dry_run: bool = False
+    duration_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+async def replay(
+    store: DeadLetterStore,
+    publisher: ConfirmingPublisher | None,
+    flt: Filter,
+    *,
+    operator: str,
+    reason: str,
+    dry_run: bool = False,
+    batch_size: int = 100,
+    rate: float | None = None,
+    to_queue: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    show: Callable[[Document], None] | None = None,
+) -> ReplayReport:
+    """Replay the dead letters ``flt`` selects; see the module docstring for the rules."""
+    report = ReplayReport(operation_id=uuid.uuid4().hex, dry_run=dry_run)
+    started = time.monotonic()
+    letters = await store.find(flt)
+    report.selected = len(letters)
+    if not dry_run:
+        report.interrupted_before = len(
+            await store.find(Filter(**{**flt.__dict__, "statuses": ("replaying",)}))
+        )
+    touched: set[str] = set()
+    interval = 1.0 / rate if rate else 0.0
+    next_at = time.monotonic()
+    for start in range(0, len(letters), batch_size):
+        for doc in letters[start : start + batch_size]:
+            if show is not None:
+                show(doc)
+            if dry_run:
+                continue
+            if interval:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at = max(next_at + interval, time.monotonic())
+            outcome = await _replay_one(
+                store, publisher, doc, report, operator, reason, to_queue, flt.statuses
+            )
+            if outcome:
+                touched.add(doc["service"])
+            if progress is not None:
+                progress(report.replayed + report.failed + report.skipped, report.selected)
+    report.duration_s = round(time.monotonic() - started, 3)
+    if not dry_run:
+        await store.audit(
+            touched or {s for s in store.services(flt.service)},
+            {
+                "operation_id": report.operation_id,
+                "action": "replay",
+                "operator": operator,
+                "reason": reason,
+                "filter": flt.describe(),
+                "to_queue": to_queue,
+                "selected": report.selected,
+                "replayed": report.replayed,
+                "failed": report.failed,
+                "skipped": report.skipped,
+                "at": datetime.now(UTC),
+            },
+        )
+    return report
+
+
+async def _replay_one(
+    store: DeadLetterStore,
+    publisher: ConfirmingPublisher | None,
+    doc: Document,
+    report: ReplayReport,
+    operator: str,
+    reason: str,
+    to_queue: str | None,
+    statuses: tuple[str, ...],
+) -> bool:
+    assert publisher is not None
+    collection = store.db(doc["service"])[DEAD_LETTERS]
+    now = datetime.now(UTC)
+    replay_info = {
+        "by": operator,
+        "at": now.isoformat(),
+        "reason": reason,
+        "operation_id": report.operation_id,
+        "dead_letter_id": str(doc["_id"]),
+    }
+    claimed = await collection.find_one_and_update(
+        {"_id": doc["_id"], "status": {"$in": list(statuses)}},
+        {"$set": {"status": "replaying", "claim": report.operation_id}},
+    )
+    if claimed is None:
+        report.skipped += 1
+        return False
+    exchange = "" if to_queue else doc["original_exchange"]
+    routing_key = to_queue or doc["original_routing_key"]
+    try:
+        await publisher.publish_message(
+            replay_message(doc, replay_info), exchange=exchange, routing_key=routing_key
+        )
+    except Exception as exc:
+        report.failed += 1
+        report.errors.append(f"{doc['_id']}: {type(exc).__name__}: {exc}")
+        await collection.update_one(
+            {"_id": doc["_id"]},
+            {
+                "$set": {"status": "dead"},
+                "$unset": {"claim": ""},
+                "$push": {"history": {**replay_info, "action": "replay_failed", "error": str(exc)}},
+            },
+        )
+        return True
+    await collection.update_one(
+        {"_id": doc["_id"]},
+        {
+            "$set": {"status": "replayed", "replayed_at": now},
+            "$unset": {"claim": ""},
+            "$push": {
+                "history": {
+                    **replay_info,
+                    "action": "replayed",
+                    "exchange": exchange,
+                    "routing_key": routing_key,
+                }
+            },
+        },
+    )
+    report.replayed += 1
+    return True
+
+
+async def purge(
+    store: DeadLetterStore, flt: Filter, *, operator: str, reason: str, dry_run: bool
+) -> tuple[int, list[Document]]:
+    """Archive the selected letters as ``purged`` (they expire after the retention)."""
+    letters = await store.find(flt)
+    if dry_run or not letters:
+        return 0, letters
+    now = datetime.now(UTC)
+    purged = 0
+    by_service: dict[str, list[Any]] = {}
+    for doc in letters:
+        by_service.setdefault(doc["service"], []).append(doc["_id"])
+    for service, ids in by_service.items():
+        result = await store.db(service)[DEAD_LETTERS].update_many(
+            {"_id": {"$in": ids}, "status": "dead"},
+            {
+                "$set": {"status": "purged", "purged_at": now},
+                "$push": {
+                    "history": {
+                        "action": "purged",
+                        "by": operator,
+                        "reason": reason,
+                        "at": now.isoformat(),
+                    }
+                },
+            },
+        )
+        purged += result.modified_count
+    await store.audit(
+        set(by_service),
+        {
+            "operation_id": uuid.uuid4().hex,
+            "action": "purge",
+            "operator": operator,
+            "reason": reason,
+            "filter": flt.describe(),
+            "selected": len(letters),
+            "purged": purged,
+            "at": now,
+        },
+    )
+    return purged, letters
+
+
+# -- command line -----------------------------------------------------------------------
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Inspect, replay and purge dead letters.")
+
+Service = Annotated[str | None, typer.Option(help="organizations | invitations | billing")]
+Queue = Annotated[str | None, typer.Option(help="dead-letter or work queue name")]
+EventType = Annotated[
+    str | None, typer.Option("--event-type", help="e.g. organization.provisioned")
+]
+ErrorText = Annotated[str | None, typer.Option("--error", help="text in error type/message/reason")]
+Since = Annotated[datetime | None, typer.Option(help="failed at or after (ISO time)")]
+Before = Annotated[datetime | None, typer.Option(help="failed before (ISO time): a cut-off")]
+MinAttempts = Annotated[int | None, typer.Option("--min-attempts")]
+AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _filter(
+    ids: list[str] | None,
+    service: str | None,
+    queue: str | None,
+    event_type: str | None,
+    error: str | None,
+    since: datetime | None,
+    before: datetime | None,
+    min_attempts: int | None,
+    statuses: tuple[str, ...] = ("dead",),
+) -> Filter:
+    return Filter(
+        list(ids or []),
+        service,
+        queue,
+        event_type,
+        error,
+        _aware(since),
+        _aware(before),
+        min_attempts,
+        statuses,
+    )
+
+
+def _operator(value: str | None) -> str:
+    return value or os.environ.get("GRANTWIRE_OPERATOR") or getpass.getuser()
+
+
+async def _with_store(work: Callable[[DeadLetterStore, DlqSettings], Any]) -> Any:
+    settings = DlqSettings()
+    client = create_client(settings.mongo_url.get_secret_value(), app_name="grantwire-dlq")
+    try:
+        return await work(DeadLetterStore(client, settings.dlq_databases), settings)
+    finally:
+        await client.close()
+
+
+def _table(rows: list[Document], columns: list[str]) -> None:
+    if not rows:
+        typer.echo("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    typer.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        typer.echo("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+
+
+@dlq_app.command("list")
+def list_letters(
+    service: Service = None,
+    queue: Queue = None,
+    event_type: EventType = None,
+    error: ErrorText = None,
+    since: Since = None,
+    before: Before = None,
+    min_attempts: MinAttempts = None,
+    status: Annotated[
+        str, typer.Option(help="dead | replaying | replayed | purged | all")
+    ] = "dead",
+    group: Annotated[bool, typer.Option("--group", help="counts by queue, type, error")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 200,
+    as_json: AsJson = False,
+) -> None:
+    """List dead letters (read-only: the broker's queues are not touched)."""
+    statuses = ("dead", "replaying", "replayed", "purged") if status == "all" else (status,)
+    flt = _filter(None, service, queue, event_type, error, since, before, min_attempts, statuses)
+
+    async def work(store: DeadLetterStore, _: DlqSettings) -> list[Document]:
+        return await store.find(flt, limit=0 if group else limit)
+
+    letters = asyncio.run(_with_store(work))
+    rows = grouped(letters) if group else [summary_row(d) for d in letters]
+    if as_json:
+        typer.echo(json.dumps(rows))
+    elif group:
+        _table(rows, ["queue", "event_type", "error_type", "count"])
+    else:
+        _table(rows, ["id", "queue", "event_type", "error_type", "attempts", "failed_at", "error"])
+
+
+@dlq_app.command()
+def show(letter_id: str, as_json: AsJson = False) -> None:
+    """Body, properties, headers and failure history of one dead letter."""
+
+    async def work(store: DeadLetterStore, _: DlqSettings) -> Document | None:
+        return await store.get(letter_id)
+
+    doc = asyncio.run(_with_store(work))
+    if doc is None:
+        typer.echo(f"no dead letter {letter_id}", err=True)
+        raise typer.Exit(1)
+    body = bytes(doc.pop("body"))
+    try:
+        doc["body"] = json.loads(body)
+    except ValueError:
+        doc["body"] = body.decode("utf-8", "replace")
+    doc["_id"] = str(doc["_id"])
+    typer.echo(json.dumps(doc, default=str, indent=None if as_json else 2))
+
+
+@dlq_app.command("replay")
+def replay_command(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="dead-letter ids (or use filters)")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="why (kept in the audit trail)")] = ...,  # type: ignore[assignment]
+    operator: Annotated[
+        str | None, typer.Option(help="default: $GRANTWIRE_OPERATOR or $USER")
+    ] = None,
+    service: Service = None,
+    queue: Queue = None,
+    event_type: EventType = None,
+    error: ErrorText = None,
+    since: Since = None,
+    before: Before = None,
+    min_attempts: MinAttempts = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what would be replayed")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    rate: Annotated[float | None, typer.Option(min=0.1, help="messages per second")] = None,
+    to_queue: Annotated[str | None, typer.Option(help="send to this queue instead")] = None,
+    include_interrupted: Annotated[
+        bool, typer.Option(help="also letters an interrupted run claimed")
+    ] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Replay dead letters to their original exchange and routing key (or --to-queue)."""
+    if not ids and not any((service, queue, event_type, error, since, before, min_attempts)):
+        raise typer.BadParameter("name dead-letter ids or at least one filter")
+    statuses = ("dead", "replaying") if include_interrupted else ("dead",)
+    flt = _filter(ids, service, queue, event_type, error, since, before, min_attempts, statuses)
+    who = _operator(operator)
+    tty = sys.stdout.isatty() and not as_json
+
+    def show_letter(doc: Document) -> None:
+        if dry_run and not as_json:
+            target = to_queue or f"{doc['original_exchange']} / {doc['original_routing_key']}"
+            typer.echo(
+                f"would replay {doc['_id']} {doc['event_type']} {doc['message_id']} -> {target}"
+            )
+
+    async def work(store: DeadLetterStore, settings: DlqSettings) -> ReplayReport:
+        if dry_run:
+            return await replay(
+                store, None, flt, operator=who, reason=reason, dry_run=True, show=show_letter
+            )
+        connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            publisher = ConfirmingPublisher(channel, channel.default_exchange)
+            if tty:
+                from rich.progress import Progress
+
+                with Progress() as bar:
+                    task = bar.add_task("replaying", total=None)
+                    return await replay(
+                        store,
+                        publisher,
+                        flt,
+                        operator=who,
+                        reason=reason,
+                        batch_size=batch_size,
+                        rate=rate,
+                        to_queue=to_queue,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    )
+            return await replay(
+                store,
+                publisher,
+                flt,
+                operator=who,
+                reason=reason,
+                batch_size=batch_size,
+                rate=rate,
+                to_queue=to_queue,
+            )
+        finally:
+            await connection.close()
+
+    report = asyncio.run(_with_store(work))
+    typer.echo(json.dumps(report.__dict__))
+    if report.interrupted_before and not include_interrupted:
+        typer.echo(
+            f"note: {report.interrupted_before} letters were claimed by an interrupted replay and "
+            "not re-sent; check them, then use --include-interrupted",
+            err=True,
+        )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@dlq_app.command("purge")
+def purge_command(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="dead-letter ids (or use filters)")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="why (kept in the audit trail)")] = ...,  # type: ignore[assignment]
+    operator: Annotated[str | None, typer.Option()] = None,
+    service: Service = None,
+    queue: Queue = None,
+    event_type: EventType = None,
+    error: ErrorText = None,
+    since: Since = None,
+    before: Before = None,
+    min_attempts: MinAttempts = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+) -> None:
+    """Archive dead letters as purged (kept for the retention period, then expired)."""
+    if not ids and not any((service, queue, event_type, error, since, before, min_attempts)):
+        raise typer.BadParameter("name dead-letter ids or at least one filter")
+    flt = _filter(ids, service, queue, event_type, error, since, before, min_attempts)
+    who = _operator(operator)
+
+    async def preview(store: DeadLetterStore, _: DlqSettings) -> list[Document]:
+        return await store.find(flt)
+
+    letters = asyncio.run(_with_store(preview))
+    if dry_run:
+        for doc in letters:
+            typer.echo(f"would purge {doc['_id']} {doc['event_type']} {doc['error_type']}")
+        typer.echo(json.dumps({"selected": len(letters), "purged": 0, "dry_run": True}))
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            typer.echo("refusing to purge without --yes when not on a terminal", err=True)
+            raise typer.Exit(2)
+        typer.confirm(f"Purge {len(letters)} dead letters?", abort=True)
+
+    async def work(store: DeadLetterStore, _: DlqSettings) -> tuple[int, list[Document]]:
+        return await purge(store, flt, operator=who, reason=reason, dry_run=False)
+
+    purged, selected = asyncio.run(_with_store(work))
+    typer.echo(json.dumps({"selected": len(selected), "purged": purged, "dry_run": False}))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `grantwire dlq ...` to the command line."""
+    app.add_typer(dlq_app, name="dlq")

@@ -1,0 +1,263 @@
+"""`grantwire dlq` against the real broker and database: find, inspect, fix, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from typer.testing import CliRunner
+
+from grantwire.cli import app
+from shared.consumer import H_LAST_FAILURE_AT, H_REASON
+from shared.contracts import Event, UserSignedUp
+from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
+from shared.envelope import Envelope
+from shared.runtime import ServiceRuntime
+from shared.settings import ServiceSettings
+from shared.topology import WorkQueue
+from tests.support import Isolation, publish_event, wait_until
+
+pytestmark = pytest.mark.integration
+
+WORK = WorkQueue("kit", "work", (UserSignedUp.event_type,))
+
+
+class FlakyDependency:
+    """A handler whose database is 'down' until fixed; counts the effects it applied."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.applied: list[str] = []
+
+    async def handle(self, event: Event, envelope: Envelope) -> None:
+        if self.broken:
+            raise ConnectionError("billing database unreachable")
+        if envelope.id not in self.applied:  # idempotent, like every real consumer
+            self.applied.append(envelope.id)
+
+
+@pytest.fixture
+async def kit(isolation: Isolation) -> AsyncIterator[tuple[ServiceRuntime, FlakyDependency]]:
+    dependency = FlakyDependency()
+    settings = isolation.settings(ServiceSettings, "kit", retry_delays_s=(0.05,), max_attempts=2)
+    runtime = ServiceRuntime(service="kit", settings=settings, indexes={})
+    runtime.subscribe(WORK, {UserSignedUp.event_type: dependency.handle})
+    isolation.track_runtime(runtime)
+    await runtime.start()
+    yield runtime, dependency
+    await runtime.stop()
+
+
+def cli(isolation: Isolation, *args: str, input: str | None = None) -> Any:
+    env = {
+        "GRANTWIRE_AMQP_URL": isolation.urls.amqp_url,
+        "GRANTWIRE_MONGO_URL": isolation.urls.mongo_url,
+        "GRANTWIRE_DLQ_DATABASES": json.dumps({"kit": isolation.db_name("kit")}),
+        "GRANTWIRE_OPERATOR": "ops-test",
+    }
+    return CliRunner().invoke(app, list(args), env=env, input=input)
+
+
+async def run(isolation: Isolation, *args: str) -> Any:
+    result = await asyncio.to_thread(cli, isolation, *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+async def archived(runtime: ServiceRuntime, count: int) -> bool:
+    return await runtime.db[DEAD_LETTERS].count_documents({}) >= count
+
+
+async def queue_depths(amqp: AbstractRobustConnection, isolation: Isolation) -> tuple[int, int]:
+    channel = await amqp.channel()
+    work = await channel.declare_queue(WORK.name(isolation.naming), passive=True)
+    dlq = await channel.declare_queue(WORK.dlq_name(isolation.naming), passive=True)
+    depths = (work.declaration_result.message_count, dlq.declaration_result.message_count)
+    await channel.close()
+    return depths
+
+
+async def test_operator_finds_fixes_and_replays_dead_letters_exactly_once(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    runtime, dependency = kit
+    old = [await publish_event(amqp, isolation.naming, _signup(i)) for i in range(3)]
+    await wait_until(lambda: archived(runtime, 3), timeout=15)
+    cut_off = datetime.now(UTC)
+    newer = await publish_event(amqp, isolation.naming, _signup(99))
+    await wait_until(lambda: archived(runtime, 4), timeout=15)
+
+    # find: listing reads the archive and leaves the broker's queues as they were
+    depths_before = await queue_depths(amqp, isolation)
+    listed = json.loads((await run(isolation, "dlq", "list", "--json")).output)
+    assert {row["message_id"] for row in listed} == {e.id for e in [*old, newer]}
+    assert all(row["error_type"] == "ConnectionError" and row["attempts"] == 2 for row in listed)
+    groups = json.loads((await run(isolation, "dlq", "list", "--group", "--json")).output)
+    assert groups == [
+        {
+            "queue": WORK.dlq_name(isolation.naming),
+            "event_type": "user.signed_up",
+            "error_type": "ConnectionError",
+            "count": 4,
+        }
+    ]
+    assert await queue_depths(amqp, isolation) == depths_before
+
+    # inspect
+    shown = json.loads((await run(isolation, "dlq", "show", listed[0]["id"], "--json")).output)
+    assert shown["body"]["user_id"] == "u0"
+    assert shown["properties"]["headers"][H_REASON] == "retries_exhausted"
+
+    # dry run changes nothing anywhere
+    dry = await run(
+        isolation,
+        "dlq",
+        "replay",
+        "--service",
+        "kit",
+        "--before",
+        cut_off.isoformat(),
+        "--reason",
+        "database is back",
+        "--dry-run",
+    )
+    assert dry.output.count("would replay") == 3 and newer.id not in dry.output
+    assert await runtime.db[DEAD_LETTERS].count_documents({"status": "dead"}) == 4
+    assert await runtime.db[DEAD_LETTER_AUDIT].count_documents({}) == 0
+
+    # fix the cause, replay what failed before the cut-off
+    dependency.broken = False
+    result = await run(
+        isolation,
+        "dlq",
+        "replay",
+        "--service",
+        "kit",
+        "--before",
+        cut_off.isoformat(),
+        "--reason",
+        "database is back",
+        "--batch-size",
+        "2",
+        "--rate",
+        "50",
+    )
+    report = json.loads(result.output.splitlines()[-1])
+    assert (report["selected"], report["replayed"], report["failed"]) == (3, 3, 0)
+
+    async def applied_three() -> bool:
+        return len(dependency.applied) == 3
+
+    await wait_until(applied_three)
+    assert sorted(dependency.applied) == sorted(e.id for e in old)  # same ids as originally
+
+    # replaying the same selection again sends nothing
+    again = json.loads(
+        (
+            await run(
+                isolation,
+                "dlq",
+                "replay",
+                "--service",
+                "kit",
+                "--before",
+                cut_off.isoformat(),
+                "--reason",
+                "again",
+            )
+        ).output.splitlines()[-1]
+    )
+    assert again["selected"] == 0 and again["replayed"] == 0
+    still_dead = json.loads((await run(isolation, "dlq", "list", "--json")).output)
+    assert [row["message_id"] for row in still_dead] == [newer.id]
+
+    # purge archives instead of destroying
+    purge = await run(
+        isolation, "dlq", "purge", still_dead[0]["id"], "--reason", "test data", "--yes"
+    )
+    assert json.loads(purge.output)["purged"] == 1
+    doc = await runtime.db[DEAD_LETTERS].find_one({"message_id": newer.id})
+    assert doc is not None and doc["status"] == "purged" and doc["purged_at"] is not None
+    audit = await runtime.db[DEAD_LETTER_AUDIT].find({}, {"_id": 0}).sort("at", 1).to_list()
+    assert [(a["action"], a["operator"]) for a in audit] == [
+        ("replay", "ops-test"),
+        ("replay", "ops-test"),
+        ("purge", "ops-test"),
+    ]
+    assert audit[0]["reason"] == "database is back" and audit[0]["replayed"] == 3
+
+
+async def test_replayed_message_keeps_id_correlation_and_body_and_says_who_replayed(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    runtime, _ = kit
+    original = await publish_event(amqp, isolation.naming, _signup(1))
+    await wait_until(lambda: archived(runtime, 1), timeout=15)
+    channel = await amqp.channel()
+    redirect = await channel.declare_queue(exclusive=True)
+    [row] = json.loads((await run(isolation, "dlq", "list", "--json")).output)
+    await run(
+        isolation, "dlq", "replay", row["id"], "--to-queue", redirect.name, "--reason", "look"
+    )
+    message = await redirect.get(timeout=5)
+    assert message is not None
+    assert message.message_id == original.id
+    assert message.correlation_id == original.correlation_id
+    assert message.body == original.body
+    replay = json.loads(message.headers["x-grantwire-replay"])
+    assert replay["by"] == "ops-test" and replay["reason"] == "look"
+    assert "x-grantwire-attempts" not in message.headers  # a replay starts its retries afresh
+
+
+async def test_purge_needs_confirmation_off_a_terminal(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    runtime, _ = kit
+    await publish_event(amqp, isolation.naming, _signup(1))
+    await wait_until(lambda: archived(runtime, 1), timeout=15)
+    refused = await asyncio.to_thread(
+        cli, isolation, "dlq", "purge", "--service", "kit", "--reason", "x"
+    )
+    assert refused.exit_code == 2
+    assert await runtime.db[DEAD_LETTERS].count_documents({"status": "dead"}) == 1
+
+
+async def test_a_dead_letter_redelivered_after_a_keeper_crash_is_kept_once(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    runtime, _ = kit
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(isolation.naming.dead_letter_exchange)
+    headers = {H_REASON: "schema_violation", H_LAST_FAILURE_AT: datetime.now(UTC).isoformat()}
+    for _ in range(2):  # the same letter twice: archived, then redelivered before its ack
+        await exchange.publish(
+            aio_pika.Message(b"{}", message_id="m-1", type="user.signed_up", headers=headers),
+            routing_key=WORK.dlq_name(isolation.naming),
+        )
+    keeper = runtime._keeper
+    assert keeper is not None
+
+    async def both_settled() -> bool:
+        return keeper.kept == 2  # the second delivery was acked too, as a duplicate
+
+    await wait_until(both_settled)
+    assert (await queue_depths(amqp, isolation))[1] == 0
+    assert await runtime.db[DEAD_LETTERS].count_documents({"message_id": "m-1"}) == 1
+
+
+def _signup(n: int) -> UserSignedUp:
+    return UserSignedUp(user_id=f"u{n}", email=f"u{n}@example.com", email_verified=True)
