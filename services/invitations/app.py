@@ -1,0 +1,33 @@
+"""Composition root of the invitations service: wiring only."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from services.invitations import SERVICE, repository
+from services.invitations.api import install_invitation_errors, invitations_router
+from services.invitations.auth import TokenVerifier
+from services.invitations.handlers import Invitations
+from services.invitations.mailer import Mailer, build_mailer
+from services.invitations.settings import InvitationsSettings
+from shared.contracts import UserSignedUp
+from shared.http import create_service_app
+from shared.runtime import ServiceRuntime
+from shared.topology import WorkQueue
+
+SIGNUPS = WorkQueue(SERVICE, "signups", (UserSignedUp.event_type,))
+
+
+def build(
+    settings: InvitationsSettings, *, mailer: Mailer | None = None
+) -> tuple[ServiceRuntime, FastAPI]:
+    """The runtime (consumer, outbox relay) and the HTTP app; ``mailer`` replaces the
+    settings' mailer (tests record mail with it)."""
+    runtime = ServiceRuntime(service=SERVICE, settings=settings, indexes=repository.INDEXES)
+    invitations = Invitations(runtime, settings, mailer or build_mailer(settings))
+    runtime.subscribe(SIGNUPS, {UserSignedUp.event_type: invitations.on_user_signed_up})
+    app = create_service_app(runtime, title="Grantwire invitations")
+    install_invitation_errors(app)
+    app.include_router(invitations_router(invitations, TokenVerifier.from_settings(settings)))
+    app.state.invitations = invitations  # the use cases, for in-process tests and tools
+    return runtime, app
