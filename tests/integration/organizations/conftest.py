@@ -1,0 +1,39 @@
+"""Fixtures: the organizations use cases, or the whole service, on real infrastructure."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from services.organizations import SERVICE
+from services.organizations.handlers import SignupOrganizations
+from services.organizations.repository import INDEXES
+from services.organizations.settings import OrganizationsSettings
+from shared.runtime import ServiceRuntime
+from tests.integration.organizations.harness import Harness, StartHarness
+from tests.support import Isolation
+
+
+@pytest.fixture
+async def start_harness(isolation: Isolation) -> AsyncIterator[StartHarness]:
+    """Start the use cases on a runtime that does not consume (tests call them directly).
+
+    Keyword arguments ``repository`` and ``random_suffix`` go to the use cases; the rest
+    are settings overrides.
+    """
+    started: list[ServiceRuntime] = []
+
+    async def start(**overrides: Any) -> Harness:
+        wiring = {k: overrides.pop(k) for k in ("repository", "random_suffix") if k in overrides}
+        settings = isolation.settings(OrganizationsSettings, SERVICE, **overrides)
+        runtime = ServiceRuntime(service=SERVICE, settings=settings, indexes=INDEXES)
+        organizations = SignupOrganizations(runtime, settings.policy(), **wiring)
+        await runtime.start(consume=False)
+        started.append(runtime)
+        return Harness(runtime, organizations)
+
+    yield start
+    for runtime in started:
+        await runtime.stop()

@@ -1,0 +1,39 @@
+"""Organizations settings from the environment: defaults and the extra public domains."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.organizations.settings import OrganizationsSettings
+
+
+def test_defaults_follow_the_domain_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("EMAIL_VERIFICATION", "DOMAIN_MATCHING", "EXTRA_PUBLIC_DOMAINS"):
+        monkeypatch.delenv(f"GRANTWIRE_ORGANIZATIONS_{name}", raising=False)
+    settings = OrganizationsSettings()
+    assert settings.mongo_db == "grantwire_organizations"
+    assert settings.http_port == 8001
+    policy = settings.policy()
+    assert policy.requires_verified_email
+    assert policy.domain_matching
+    assert policy.extra_public_domains == frozenset()
+
+
+@pytest.mark.parametrize(
+    "raw", ["mailbox.example,Corp-Mail.example", '["mailbox.example", "corp-mail.example"]']
+)
+def test_extra_public_domains_read_as_comma_separated_or_json(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    monkeypatch.setenv("GRANTWIRE_ORGANIZATIONS_EXTRA_PUBLIC_DOMAINS", raw)
+    policy = OrganizationsSettings().policy()
+    assert policy.extra_public_domains == {"mailbox.example", "corp-mail.example"}
+    assert policy.is_public("corp-mail.example") and policy.is_public("gmail.com")
+
+
+def test_switches_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRANTWIRE_ORGANIZATIONS_EMAIL_VERIFICATION", "off")
+    monkeypatch.setenv("GRANTWIRE_ORGANIZATIONS_DOMAIN_MATCHING", "false")
+    policy = OrganizationsSettings().policy()
+    assert not policy.requires_verified_email
+    assert not policy.domain_matching
