@@ -40,7 +40,9 @@ log = structlog.get_logger("grantwire.invitations")
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now, to the millisecond MongoDB stores, so responses equal what is read back later."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 @dataclass(frozen=True)
