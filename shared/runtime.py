@@ -113,6 +113,7 @@ class ServiceRuntime:
         self._connection = await aio_pika.connect_robust(
             settings.amqp_url.get_secret_value(),
             client_properties={"connection_name": f"{self.service}:{self.instance_id}"},
+            reconnect_interval=settings.amqp_reconnect_interval_s,
         )
         setup = await self._connection.channel()
         await declare_exchanges(setup, self.naming)
@@ -125,6 +126,7 @@ class ServiceRuntime:
             self._publisher,
             owner=self.instance_id,
             poll_interval_s=settings.outbox_poll_interval_s,
+            max_backoff_s=settings.outbox_max_backoff_s,
         )
         await self._relay.start()
         if consume:
@@ -177,7 +179,10 @@ class ServiceRuntime:
         """(ready, checks): broker connected, database reachable, outbox not stuck."""
         checks: dict[str, Any] = {}
         connection = self._connection
-        checks["broker"] = "ok" if connection is not None and not connection.is_closed else "down"
+        connected = (
+            connection is not None and connection.connected.is_set() and not connection.is_closed
+        )
+        checks["broker"] = "ok" if connected else "down"
         try:
             await ping(self.client)
             checks["database"] = "ok"

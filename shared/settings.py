@@ -31,6 +31,8 @@ class ServiceSettings(BaseSettings):
     max_attempts: int = 5
     delivery_limit: int = 20
     outbox_poll_interval_s: float = 1.0
+    outbox_max_backoff_s: float = 10.0
+    amqp_reconnect_interval_s: float = 2.0
     outbox_sent_retention_hours: float = 72.0
     outbox_stuck_after_s: float = 60.0
     shutdown_grace_s: float = 20.0

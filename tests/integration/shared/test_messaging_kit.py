@@ -151,7 +151,12 @@ async def test_relay_delivers_what_was_written_while_the_broker_was_unreachable(
     via_proxy = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
     runtime = ServiceRuntime(
         service="kit",
-        settings=settings_for(isolation, amqp_url=via_proxy),
+        settings=settings_for(
+            isolation,
+            amqp_url=via_proxy,
+            amqp_reconnect_interval_s=0.2,
+            outbox_max_backoff_s=0.5,
+        ),
         indexes={},
     )
     await runtime.start()
@@ -173,10 +178,21 @@ async def test_relay_delivers_what_was_written_while_the_broker_was_unreachable(
             return await runtime.db[OUTBOX].count_documents({"status": "pending"}) == 20
 
         assert await still_pending()
+
+        async def not_ready() -> bool:
+            ready, checks = await runtime.readiness()
+            return not ready and checks["broker"] == "down"
+
+        await wait_until(not_ready)
         await proxy.restore()
         await tap.wait_for(lambda msgs: len(msgs) >= 20, timeout=30)
         assert sorted(m.message_id or "" for m in tap.messages) == sorted(e.id for e in envelopes)
         await wait_until(lambda: _count(runtime, {"status": "sent"}, 20), timeout=10)
+
+        async def ready_again() -> bool:
+            return (await runtime.readiness())[0]
+
+        await wait_until(ready_again)
     finally:
         await runtime.stop()
         await proxy.cut()
