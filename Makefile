@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: install lock infra-up infra-down demo up down test test-unit lint fmt clean
+.PHONY: install lock infra-up infra-down demo up down docs docs-check test test-unit lint fmt clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ up: install infra-up
 
 down:
 	$(BIN)/grantwire down
+
+# AsyncAPI document and event examples, generated from the code.
+docs: install
+	$(BIN)/grantwire docs
+
+docs-check: install
+	$(BIN)/grantwire docs --check
 
 test: install infra-up
 	$(BIN)/pytest -q

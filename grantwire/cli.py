@@ -32,6 +32,24 @@ def up() -> None:
 
 
 @app.command()
+def docs(
+    check: bool = typer.Option(False, "--check", help="fail when docs/ is not current"),
+) -> None:
+    """Generate docs/asyncapi.json and docs/events.md from the code."""
+    from grantwire import asyncapi
+
+    if check:
+        stale = asyncapi.stale_docs()
+        if stale:
+            typer.echo(f"stale generated docs: {', '.join(stale)}; run `make docs`", err=True)
+            raise typer.Exit(1)
+        typer.echo("docs are current")
+        return
+    for path in asyncapi.write_docs():
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def down() -> None:
     """Stop the services `grantwire up` started."""
     from grantwire.system import stop_saved

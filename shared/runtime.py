@@ -44,8 +44,10 @@ class ServiceRuntime:
         service: str,
         settings: ServiceSettings,
         indexes: Mapping[str, Sequence[IndexModel]],
+        publishes: Sequence[str] = (),
     ) -> None:
         self.service = service
+        self.publishes = tuple(publishes)  # event types it stages in its outbox (contract docs)
         self.settings = settings
         self.naming = settings.naming()
         self._indexes = {
