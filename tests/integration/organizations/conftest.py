@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
 from services.organizations import SERVICE
 from services.organizations.handlers import SignupOrganizations
@@ -13,11 +14,13 @@ from services.organizations.repository import INDEXES
 from services.organizations.settings import OrganizationsSettings
 from shared.runtime import ServiceRuntime
 from tests.integration.organizations.harness import Harness, StartHarness
-from tests.support import Isolation
+from tests.support import EventTap, Isolation
 
 
 @pytest.fixture
-async def start_harness(isolation: Isolation) -> AsyncIterator[StartHarness]:
+async def start_harness(
+    isolation: Isolation, amqp: AbstractRobustConnection
+) -> AsyncIterator[StartHarness]:
     """Start the use cases on a runtime that does not consume (tests call them directly).
 
     Keyword arguments ``repository`` and ``random_suffix`` go to the use cases; the rest
@@ -30,9 +33,10 @@ async def start_harness(isolation: Isolation) -> AsyncIterator[StartHarness]:
         settings = isolation.settings(OrganizationsSettings, SERVICE, **overrides)
         runtime = ServiceRuntime(service=SERVICE, settings=settings, indexes=INDEXES)
         organizations = SignupOrganizations(runtime, settings.policy(), **wiring)
+        tap = await EventTap.open(amqp, isolation.naming, ["organization.*"])
         await runtime.start(consume=False)
         started.append(runtime)
-        return Harness(runtime, organizations)
+        return Harness(runtime, organizations, tap)
 
     yield start
     for runtime in started:

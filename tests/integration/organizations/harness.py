@@ -16,6 +16,7 @@ from shared.envelope import Envelope
 from shared.mongo import Document
 from shared.outbox import OUTBOX
 from shared.runtime import ServiceRuntime
+from tests.support import EventTap
 
 
 def signup(
@@ -53,6 +54,7 @@ class Harness:
 
     runtime: ServiceRuntime
     organizations: SignupOrganizations
+    published: EventTap  # what the relay published (events are routable through it)
 
     @property
     def db(self) -> AsyncDatabase[Document]:
