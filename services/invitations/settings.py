@@ -51,14 +51,15 @@ class InvitationsSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> InvitationsSettings:
-        if self.jwt_secret is None and not self.jwt_public_key:
-            # Fail at startup, not on every request: an API nobody can call is a deploy error.
-            raise ValueError("set GRANTWIRE_JWT_SECRET (HS256) or GRANTWIRE_JWT_PUBLIC_KEY (RS256)")
         if self.mailer_kind() == "smtp" and not self.smtp_host:
             raise ValueError("GRANTWIRE_MAILER=smtp needs GRANTWIRE_SMTP_HOST")
         if "{token}" not in self.invite_url_template:
             raise ValueError("GRANTWIRE_INVITE_URL_TEMPLATE must contain {token}")
         return self
+
+    def jwt_configured(self) -> bool:
+        """True when a token can be verified at all (the process refuses to start otherwise)."""
+        return self.jwt_secret is not None or bool(self.jwt_public_key)
 
     def mailer_kind(self) -> MailerKind:
         if self.mailer is not None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import jwt
 import pytest
 from pydantic import ValidationError
 
+from services.invitations import __main__ as entrypoint
+from services.invitations.auth import AuthError, TokenVerifier
 from services.invitations.mailer import LogMailer, SmtpMailer, build_mailer
 from services.invitations.settings import InvitationsSettings
 
@@ -19,11 +22,22 @@ def test_defaults_follow_the_domain() -> None:
     assert settings.mongo_db == "grantwire_invitations" and settings.http_port == 8002
 
 
-def test_without_any_jwt_key_the_service_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_any_jwt_key_the_process_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GRANTWIRE_JWT_SECRET", raising=False)
     monkeypatch.delenv("GRANTWIRE_JWT_PUBLIC_KEY", raising=False)
-    with pytest.raises(ValidationError, match="JWT"):
-        InvitationsSettings()
+    monkeypatch.setattr(entrypoint, "configure_logging", lambda *args, **kwargs: None)
+    assert not InvitationsSettings().jwt_configured()
+    with pytest.raises(SystemExit, match="JWT"):
+        entrypoint.main()
+
+
+def test_without_any_jwt_key_every_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRANTWIRE_JWT_SECRET", raising=False)
+    monkeypatch.delenv("GRANTWIRE_JWT_PUBLIC_KEY", raising=False)
+    verifier = TokenVerifier.from_settings(InvitationsSettings())
+    token = jwt.encode({"sub": "u", "email": "u@example.com", "exp": 2**40}, "x" * 32)
+    with pytest.raises(AuthError):
+        verifier.verify(token)
 
 
 def test_log_mailer_by_default_smtp_when_a_host_is_given_none_on_request() -> None:
