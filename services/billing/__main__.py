@@ -1,0 +1,20 @@
+"""`python -m services.billing`: run the billing service until SIGTERM."""
+
+from __future__ import annotations
+
+from services.billing.app import build
+from services.billing.handlers import SERVICE
+from services.billing.settings import BillingSettings
+from shared.http import serve
+from shared.logging import configure_logging
+
+
+def main() -> None:
+    settings = BillingSettings()
+    configure_logging(SERVICE, settings.log_level, settings.log_json)
+    _runtime, app = build(settings)
+    serve(app, settings)
+
+
+if __name__ == "__main__":
+    main()

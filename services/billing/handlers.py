@@ -1,0 +1,308 @@
+"""Billing use cases: referral and signup grants, the three listeners, expiry, ledger reads.
+
+Order independence: each listener records its own fact first (a committed write), then
+looks for its partner. When ``invitation.accepted`` and ``organization.provisioned`` race,
+at least one of them sees the other's fact and grants; the ledger key makes the other a
+``duplicate_grant``. Reconcile covers what a crash between the two steps leaves open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, Protocol, TypeVar
+
+import structlog
+from bson import ObjectId
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.billing.domain import (
+    Grant,
+    GrantResult,
+    LedgerCursor,
+    Referral,
+    ReferralConfig,
+    changed_sides,
+    check_entry,
+    conclude,
+    decide_grants,
+    expiry_key,
+    signup_grant,
+    unspent_units,
+    users_to_resolve,
+)
+from services.billing.repository import BillingStore, entry_document
+from services.billing.settings import BillingSettings
+from shared.consumer import Handler
+from shared.contracts import (
+    CreditsGranted,
+    Event,
+    InvitationAccepted,
+    OrganizationCreated,
+    OrganizationProvisioned,
+)
+from shared.envelope import Envelope
+from shared.mongo import Document
+from shared.outbox import stage_events
+
+SERVICE = "billing"
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+SignupOutcome = Literal["applied", "duplicate_grant", "no_signup_grant"]
+log = structlog.get_logger("grantwire.billing")
+
+
+class BillingDatabase(Protocol):
+    """What the use cases need: billing's database and a transaction runner.
+
+    The service's ``ServiceRuntime`` is one; the jobs use a MongoDB-only one (their staged
+    events are published by the service's outbox relay).
+    """
+
+    @property
+    def db(self) -> AsyncDatabase[Document]: ...
+
+    async def commit(self, work: Callable[[AsyncClientSession], Awaitable[T]]) -> T: ...
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _is_ref_id_conflict(exc: DuplicateKeyError) -> bool:
+    """True when the duplicate is a ledger key (not some other unique index)."""
+    pattern = (exc.details or {}).get("keyPattern") or {}
+    return "ref_id" in pattern
+
+
+@dataclass(frozen=True)
+class LedgerPage:
+    entries: list[Document]
+    next_cursor: str | None
+
+
+class Billing:
+    """Billing's use cases over one database; built once by the composition root."""
+
+    def __init__(
+        self, database: BillingDatabase, settings: BillingSettings, clock: Clock = utcnow
+    ) -> None:
+        self._database = database
+        self._settings = settings
+        self.config: ReferralConfig = settings.referral_config()
+        self._clock = clock
+
+    @property
+    def store(self) -> BillingStore:
+        return BillingStore(self._database.db)
+
+    def listeners(self) -> dict[str, Handler]:
+        """Event type -> message handler, for the service's work queue."""
+        return {
+            InvitationAccepted.event_type: self.on_invitation_accepted,
+            OrganizationProvisioned.event_type: self.on_organization_provisioned,
+            OrganizationCreated.event_type: self.on_organization_created,
+        }
+
+    # -- listeners -------------------------------------------------------------------
+    async def on_invitation_accepted(self, event: Event, envelope: Envelope) -> None:
+        assert isinstance(event, InvitationAccepted)
+        result = await self.grant_for_invitation(
+            event.invitation_id, event.invited_by, event.accepted_user_id, cause=envelope
+        )
+        log.info(
+            "referral grant",
+            invitation_id=event.invitation_id,
+            **result.summary(),
+            **envelope.log_context(),
+        )
+
+    async def on_organization_provisioned(self, event: Event, envelope: Envelope) -> None:
+        assert isinstance(event, OrganizationProvisioned)
+        results = await self.grant_for_provisioned(
+            event.user_id, event.organization_id, provisioned_at=envelope.time, cause=envelope
+        )
+        log.info(
+            "organization provisioned",
+            user_id=event.user_id,
+            organization_id=event.organization_id,
+            referrals=[r.summary() for r in results],
+            **envelope.log_context(),
+        )
+
+    async def on_organization_created(self, event: Event, envelope: Envelope) -> None:
+        assert isinstance(event, OrganizationCreated)
+        outcome = await self.grant_signup(event.organization_id, event.plan_id, cause=envelope)
+        log.info(
+            "signup grant",
+            organization_id=event.organization_id,
+            plan_id=event.plan_id,
+            outcome=outcome,
+            **envelope.log_context(),
+        )
+
+    # -- grants ----------------------------------------------------------------------
+    async def grant_for_invitation(
+        self,
+        invitation_id: str,
+        invited_by: str | None,
+        accepted_user_id: str | None,
+        *,
+        cause: Envelope | None = None,
+    ) -> GrantResult:
+        """Record the accepted referral (the fact first), then grant what can be granted."""
+        if invitation_id:
+            referral = await self.store.record_referral(
+                invitation_id, invited_by, accepted_user_id, self._clock()
+            )
+        else:
+            referral = Referral(invitation_id="", inviter=invited_by, referee=accepted_user_id)
+        return await self.grant_for_referral(referral, cause=cause)
+
+    async def grant_for_provisioned(
+        self,
+        user_id: str,
+        organization_id: str,
+        *,
+        provisioned_at: datetime,
+        cause: Envelope | None = None,
+    ) -> list[GrantResult]:
+        """Record user -> organization (the fact first), then grant the user's open referrals."""
+        store = self.store
+        await store.record_membership(user_id, organization_id, provisioned_at, self._clock())
+        if not self.config.enabled:
+            return []
+        return [
+            await self.grant_for_referral(referral, cause=cause)
+            for referral in await store.open_referrals_of(user_id)
+        ]
+
+    async def grant_for_referral(
+        self,
+        referral: Referral,
+        *,
+        cause: Envelope | None = None,
+        organizations: Mapping[str, str] | None = None,
+    ) -> GrantResult:
+        """Decide (pure), apply each grant, remember the side outcomes in the projection.
+
+        ``organizations`` (user -> organization) may be resolved by the caller for a batch.
+        """
+        store = self.store
+        if organizations is None:
+            users = users_to_resolve(self.config, referral)
+            organizations = await store.organizations_of(users) if users else {}
+        now = self._clock()
+        decision = decide_grants(self.config, referral, organizations, now)
+        outcomes = await asyncio.gather(
+            *(self.apply_grant(grant, cause) for grant in decision.grants),
+            return_exceptions=True,
+        )
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            raise failure
+        applied = {g.ref_id: o is True for g, o in zip(decision.grants, outcomes, strict=True)}
+        result = conclude(decision, applied)
+        await store.record_sides(referral.invitation_id, changed_sides(referral, result), now)
+        return result
+
+    async def grant_signup(
+        self, organization_id: str, plan_id: str, *, cause: Envelope | None = None
+    ) -> SignupOutcome:
+        """Credit a new organization's plan signup grant once (not gated by the referral switch)."""
+        grant = signup_grant(
+            organization_id,
+            plan_id,
+            self._settings.signup_grant_units,
+            self._clock(),
+            self._settings.signup_grant_expiry_days,
+        )
+        if grant is None:
+            return "no_signup_grant"
+        return "applied" if await self.apply_grant(grant, cause) else "duplicate_grant"
+
+    async def apply_grant(self, grant: Grant, cause: Envelope | None = None) -> bool:
+        """Entry + balance + ``billing.credits_granted`` in one transaction; False: duplicate.
+
+        Four round trips: insert, balance update, outbox insert, commit. Concurrent grants to
+        one account conflict (WriteConflict) and are retried by the driver.
+        """
+        check_entry("topup", grant.units)
+        store = self.store
+        entry = entry_document(grant, at=self._clock())
+
+        async def work(session: AsyncClientSession) -> None:
+            balance = await store.append_entry(session, entry)
+            event = CreditsGranted(
+                organization_id=grant.organization_id,
+                ref_id=grant.ref_id,
+                source=grant.source,
+                amount=grant.units,
+                balance=balance,
+                expires_at=grant.expires_at,
+                invitation_id=grant.invitation_id,
+                side=grant.side,
+            )
+            envelope = (
+                cause.caused(event, source=SERVICE)
+                if cause
+                else Envelope.new(event, source=SERVICE)
+            )
+            await stage_events(store.db, session, [envelope], aggregate_id=grant.organization_id)
+
+        try:
+            await self._database.commit(work)
+        except DuplicateKeyError as exc:
+            if not _is_ref_id_conflict(exc):
+                raise
+            return False
+        return True
+
+    # -- expiry ----------------------------------------------------------------------
+    async def expire_topup(self, topup: Document, now: datetime) -> int | None:
+        """Write the ``expiration`` entry of a due topup; units expired, None if already done."""
+        store = self.store
+        entry_id = ObjectId()
+
+        async def work(session: AsyncClientSession) -> int:
+            balance = await store.balance_in(session, topup["organization_id"])
+            units = unspent_units(int(topup["amount"]), balance)
+            check_entry("expiration", -units)
+            entry = {
+                "_id": entry_id,
+                "ref_id": expiry_key(str(topup["_id"])),
+                "organization_id": topup["organization_id"],
+                "kind": "expiration",
+                "amount": -units,
+                "source": topup["source"],
+                "at": now,
+                "expires_at": None,
+                "expired_entry_id": topup["_id"],
+            }
+            await store.append_entry(session, entry)
+            await store.settle_expiry_in(session, topup["_id"])
+            return units
+
+        try:
+            return await self._database.commit(work)
+        except DuplicateKeyError as exc:
+            if not _is_ref_id_conflict(exc):
+                raise
+            return None
+
+    # -- reads -----------------------------------------------------------------------
+    async def balance(self, organization_id: str) -> int:
+        return await self.store.balance(organization_id)
+
+    async def ledger_page(self, organization_id: str, limit: int, cursor: str | None) -> LedgerPage:
+        """A page of entries, newest first; ``InvalidCursorError`` for a foreign cursor."""
+        after = LedgerCursor.decode(cursor) if cursor else None
+        entries = await self.store.ledger_page(organization_id, limit + 1, after)
+        more = len(entries) > limit
+        entries = entries[:limit]
+        next_cursor = BillingStore.cursor_after(entries[-1]).encode() if more else None
+        return LedgerPage(entries, next_cursor)

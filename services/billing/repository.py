@@ -1,0 +1,335 @@
+"""All of billing's MongoDB access: the ledger, accounts, and the two projections.
+
+Collections
+- ``ledger``: one document per entry ``{_id, ref_id, organization_id, kind, amount, source,
+  at, expires_at, invitation_id?, side?, expiry_open?}``; ``ref_id`` is unique over the
+  whole ledger. ``expiry_open`` marks a topup whose expiry is not settled yet.
+- ``accounts``: ``{_id: organization_id, balance, updated_at}``; the balance changes only in
+  the transaction that appends an entry, so it always equals the sum of the entries.
+- ``referrals``: accepted invitations ``{_id: invitation_id, inviter, referee, accepted_at,
+  sides: {referee|referrer: {state, outcome, organization_id, at}}, open}``; ``open`` is
+  true while a side is open, so the provisioned listener and reconcile read open work only.
+- ``memberships``: user -> organization pairs seen in ``organization.provisioned``
+  ``{user_id, organization_id, first_seen, last_provisioned_at}``. A user's organization is
+  the one provisioned most recently (by event time: organizations publishes it when it sets
+  the user's current organization, and again on convergence); ties go to the oldest pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.billing.domain import (
+    SIDES,
+    SIGN_RULES,
+    Grant,
+    LedgerCursor,
+    Referral,
+    SideRecord,
+    SideResult,
+    side_state,
+)
+from shared.mongo import Document
+
+LEDGER = "ledger"
+ACCOUNTS = "accounts"
+REFERRALS = "referrals"
+MEMBERSHIPS = "memberships"
+REF_ID_INDEX = "ref_id_unique"
+
+INDEXES: dict[str, list[IndexModel]] = {
+    LEDGER: [
+        IndexModel([("ref_id", ASCENDING)], unique=True, name=REF_ID_INDEX),
+        IndexModel(
+            [("organization_id", ASCENDING), ("at", DESCENDING), ("_id", DESCENDING)],
+            name="ledger_page",
+        ),
+        IndexModel(
+            [("expires_at", ASCENDING), ("_id", ASCENDING)],
+            partialFilterExpression={"expiry_open": True},
+            name="expiry_due",
+        ),
+    ],
+    ACCOUNTS: [],
+    REFERRALS: [
+        IndexModel([("open", ASCENDING), ("_id", ASCENDING)], name="open_walk"),
+        IndexModel([("referee", ASCENDING), ("open", ASCENDING)], name="by_referee"),
+        IndexModel([("inviter", ASCENDING), ("open", ASCENDING)], name="by_inviter"),
+    ],
+    MEMBERSHIPS: [
+        IndexModel(
+            [("user_id", ASCENDING), ("organization_id", ASCENDING)],
+            unique=True,
+            name="one_pair",
+        ),
+        IndexModel(
+            [
+                ("user_id", ASCENDING),
+                ("last_provisioned_at", DESCENDING),
+                ("first_seen", ASCENDING),
+            ],
+            name="current_first",
+        ),
+    ],
+}
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def _referral(doc: Document) -> Referral:
+    sides = doc.get("sides") or {}
+    return Referral(
+        invitation_id=str(doc["_id"]),
+        inviter=doc.get("inviter"),
+        referee=doc.get("referee"),
+        sides={
+            side: SideRecord(
+                state=sides.get(side, {}).get("state", "open"),
+                outcome=sides.get(side, {}).get("outcome"),
+                organization_id=sides.get(side, {}).get("organization_id"),
+            )
+            for side in SIDES
+        },
+    )
+
+
+class BillingStore:
+    """Billing's database, one use-case-sized operation per method."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.db = db
+        self.ledger = db[LEDGER]
+        self.accounts = db[ACCOUNTS]
+        self.referrals = db[REFERRALS]
+        self.memberships = db[MEMBERSHIPS]
+
+    # -- ledger writes (inside the caller's transaction) ---------------------------
+    async def append_entry(self, session: AsyncClientSession, entry: Document) -> int:
+        """Insert ``entry`` and move its account's balance; returns the balance after.
+
+        The insert goes first so a duplicate ``ref_id`` fails before anything else is written.
+        """
+        await self.ledger.insert_one(entry, session=session)
+        account = await self.accounts.find_one_and_update(
+            {"_id": entry["organization_id"]},
+            {"$inc": {"balance": entry["amount"]}, "$set": {"updated_at": entry["at"]}},
+            projection={"balance": True},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        return int(cast(Document, account)["balance"])
+
+    async def balance_in(self, session: AsyncClientSession, organization_id: str) -> int:
+        account = await self.accounts.find_one(
+            {"_id": organization_id}, {"balance": True}, session=session
+        )
+        return int(account["balance"]) if account else 0
+
+    async def settle_expiry_in(self, session: AsyncClientSession, topup_id: ObjectId) -> None:
+        await self.ledger.update_one(
+            {"_id": topup_id}, {"$unset": {"expiry_open": ""}}, session=session
+        )
+
+    # -- ledger reads ----------------------------------------------------------------
+    async def balance(self, organization_id: str) -> int:
+        account = await self.accounts.find_one({"_id": organization_id}, {"balance": True})
+        return int(account["balance"]) if account else 0
+
+    async def ledger_page(
+        self, organization_id: str, limit: int, after: LedgerCursor | None
+    ) -> list[Document]:
+        """Entries of an organization, newest first, after ``after`` (exclusive)."""
+        query: dict[str, Any] = {"organization_id": organization_id}
+        if after is not None:
+            at = datetime.fromtimestamp(after.at_ms / 1000, UTC)
+            query["$or"] = [
+                {"at": {"$lt": at}},
+                {"at": at, "_id": {"$lt": ObjectId(after.entry_id)}},
+            ]
+        cursor = (
+            self.ledger.find(query).sort([("at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        )
+        return await cursor.to_list()
+
+    @staticmethod
+    def cursor_after(entry: Document) -> LedgerCursor:
+        return LedgerCursor(_ms(entry["at"]), str(entry["_id"]))
+
+    async def due_topups(
+        self, now: datetime, limit: int, exclude: Sequence[ObjectId] = ()
+    ) -> list[Document]:
+        """Topups whose expiry passed and is not settled yet, soonest first."""
+        query: dict[str, Any] = {"expiry_open": True, "expires_at": {"$lte": now}}
+        if exclude:
+            query["_id"] = {"$nin": list(exclude)}
+        cursor = self.ledger.find(query).sort([("expires_at", ASCENDING), ("_id", ASCENDING)])
+        return await cursor.limit(limit).to_list()
+
+    # -- projections -----------------------------------------------------------------
+    async def record_referral(
+        self, invitation_id: str, inviter: str | None, referee: str | None, at: datetime
+    ) -> Referral:
+        """Record an accepted invitation (first time only) and return what billing knows."""
+        doc = await self.referrals.find_one_and_update(
+            {"_id": invitation_id},
+            {
+                "$setOnInsert": {
+                    "inviter": inviter,
+                    "referee": referee,
+                    "accepted_at": at,
+                    "sides": {side: {"state": "open"} for side in SIDES},
+                    "open": True,
+                }
+            },
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        return _referral(cast(Document, doc))
+
+    async def record_sides(
+        self, invitation_id: str, results: Sequence[SideResult], at: datetime
+    ) -> None:
+        """Store side outcomes; a granted side is never overwritten (its key is in the ledger)."""
+        if not results:
+            return
+        sides: dict[str, Any] = {}
+        for result in results:
+            path = f"sides.{result.side}"
+            record = {
+                "state": side_state(result.outcome),
+                "outcome": result.outcome,
+                "organization_id": result.organization_id,
+                "at": at,
+            }
+            granted = {"$eq": [f"${path}.state", "granted"]}
+            sides[path] = {"$cond": [granted, f"${path}", {"$literal": record}]}
+        states = [f"$sides.{side}.state" for side in SIDES]
+        await self.referrals.update_one(
+            {"_id": invitation_id},
+            [{"$set": sides}, {"$set": {"open": {"$in": ["open", states]}}}],
+        )
+
+    async def open_referrals_of(self, user_id: str) -> list[Referral]:
+        """Referrals with an open side where ``user_id`` is the referee or the inviter."""
+        query = {"$or": [{"referee": user_id, "open": True}, {"inviter": user_id, "open": True}]}
+        return [_referral(doc) async for doc in self.referrals.find(query)]
+
+    async def open_referrals_after(self, after: str | None, limit: int) -> list[Referral]:
+        """The next batch of referrals with an open side, by invitation id."""
+        query: dict[str, Any] = {"open": True}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self.referrals.find(query).sort("_id", ASCENDING).limit(limit)
+        return [_referral(doc) async for doc in cursor]
+
+    async def count_open_referrals(self) -> int:
+        return await self.referrals.count_documents({"open": True})
+
+    async def record_membership(
+        self, user_id: str, organization_id: str, provisioned_at: datetime, seen_at: datetime
+    ) -> None:
+        await self.memberships.update_one(
+            {"user_id": user_id, "organization_id": organization_id},
+            {
+                "$setOnInsert": {"first_seen": seen_at},
+                "$max": {"last_provisioned_at": provisioned_at},
+            },
+            upsert=True,
+        )
+
+    async def organizations_of(self, user_ids: Iterable[str]) -> dict[str, str]:
+        """Each user's organization (most recently provisioned; ties: the oldest pair)."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        found: dict[str, str] = {}
+        cursor = self.memberships.find(
+            {"user_id": {"$in": ids}}, {"user_id": True, "organization_id": True}
+        ).sort([("user_id", ASCENDING), ("last_provisioned_at", DESCENDING), ("first_seen", 1)])
+        async for doc in cursor:
+            found.setdefault(doc["user_id"], doc["organization_id"])
+        return found
+
+    # -- audit -----------------------------------------------------------------------
+    async def balance_mismatches(self) -> list[Document]:
+        """Accounts whose balance differs from the sum of their entries (either side missing)."""
+        pipeline: list[Mapping[str, Any]] = [
+            {"$group": {"_id": "$organization_id", "sum": {"$sum": "$amount"}}},
+            {
+                "$unionWith": {
+                    "coll": ACCOUNTS,
+                    "pipeline": [{"$project": {"_id": 1, "balance": 1}}],
+                }
+            },
+            {
+                "$group": {
+                    "_id": "$_id",
+                    "ledger_sum": {"$sum": {"$ifNull": ["$sum", 0]}},
+                    "balance": {"$sum": {"$ifNull": ["$balance", 0]}},
+                }
+            },
+            {"$match": {"$expr": {"$ne": ["$ledger_sum", "$balance"]}}},
+            {"$sort": {"_id": 1}},
+        ]
+        cursor = await self.ledger.aggregate(pipeline, allowDiskUse=True)
+        return await cursor.to_list()
+
+    async def duplicate_keys(self) -> list[Document]:
+        pipeline: list[Mapping[str, Any]] = [
+            {"$group": {"_id": "$ref_id", "count": {"$sum": 1}}},
+            {"$match": {"count": {"$gt": 1}}},
+            {"$sort": {"_id": 1}},
+        ]
+        cursor = await self.ledger.aggregate(pipeline, allowDiskUse=True)
+        return await cursor.to_list()
+
+    async def sign_rule_violations(self, limit: int) -> list[Document]:
+        """Entries whose amount breaks its kind's sign rule, or whose kind is unknown."""
+        broken: list[dict[str, Any]] = [{"kind": {"$nin": list(SIGN_RULES)}}]
+        for kind, (low, high) in SIGN_RULES.items():
+            if low is not None:
+                broken.append({"kind": kind, "amount": {"$lt": low}})
+            if high is not None:
+                broken.append({"kind": kind, "amount": {"$gt": high}})
+        projection = {"ref_id": True, "kind": True, "amount": True, "organization_id": True}
+        return await self.ledger.find({"$or": broken}, projection).limit(limit).to_list()
+
+    async def has_unique_ref_id_index(self) -> bool:
+        info = await self.ledger.index_information()
+        return any(spec.get("unique") and spec["key"] == [("ref_id", 1)] for spec in info.values())
+
+    async def count_entries(self) -> int:
+        return await self.ledger.estimated_document_count()
+
+    async def count_accounts(self) -> int:
+        return await self.accounts.estimated_document_count()
+
+
+def entry_document(grant: Grant, *, at: datetime, entry_id: ObjectId | None = None) -> Document:
+    """The ledger document of a grant (a topup)."""
+    doc: Document = {
+        "_id": entry_id or ObjectId(),
+        "ref_id": grant.ref_id,
+        "organization_id": grant.organization_id,
+        "kind": "topup",
+        "amount": grant.units,
+        "source": grant.source,
+        "at": at,
+        "expires_at": grant.expires_at,
+    }
+    if grant.expires_at is not None:
+        doc["expiry_open"] = True
+    if grant.invitation_id is not None:
+        doc["invitation_id"] = grant.invitation_id
+        doc["side"] = grant.side
+    return doc
