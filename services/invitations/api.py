@@ -137,7 +137,7 @@ def invitations_router(invitations: Invitations, verifier: TokenVerifier) -> API
         before: Annotated[str | None, Query(max_length=24)] = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
     ) -> InvitationPage:
-        page = await invitations.list(caller, before=before, limit=limit)
+        page = await invitations.list_for(caller, before=before, limit=limit)
         return InvitationPage(
             invitations=[InvitationView.of(inv) for inv in page],
             next_before=page[-1].id if len(page) == limit else None,

@@ -123,16 +123,16 @@ class Invitations:
                 await self._mailer.send_invitation(self._mail(invitation))
                 mail_sent = True
             except Exception:
-                # The invite exists and its token is in the response; the inviter can resend.
+                # The invite exists and its token is in the response: shared by hand or resent.
                 log.exception("invitation mail failed", invitation_id=invitation.id)
         return Created(invitation, mail_sent)
 
-    async def list(
+    async def list_for(
         self, principal: Principal, *, before: str | None, limit: int
     ) -> list[Invitation]:
         """Admins see every invite, others the invites they sent; newest first."""
         invited_by = None if self.is_admin(principal) else principal.user_id
-        return await self._repo.list(invited_by=invited_by, before=before, limit=limit)
+        return await self._repo.newest_first(invited_by=invited_by, before=before, limit=limit)
 
     async def revoke(self, principal: Principal, invitation_id: str) -> Invitation:
         """Revoke a pending invite (its inviter or an admin); never an accepted one."""

@@ -37,7 +37,10 @@ INDEXES: dict[str, list[IndexModel]] = {
             partialFilterExpression={"pending_email": {"$type": "string"}},
             name="one_live_pending_per_email",
         ),
+        # cap and rate-limit counts
         IndexModel([("invited_by", ASCENDING), ("created_at", DESCENDING)], name="by_inviter"),
+        # a member's list, newest first (ObjectIds grow with time)
+        IndexModel([("invited_by", ASCENDING), ("_id", DESCENDING)], name="by_inviter_newest"),
     ],
     USERS: [IndexModel([("email", ASCENDING)], name="by_email")],
     INVITERS: [],
@@ -150,7 +153,7 @@ class InvitationRepository:
         doc = await self._invitations.find_one({"token": token})
         return _to_invitation(doc) if doc else None
 
-    async def list(
+    async def newest_first(
         self, *, invited_by: str | None, before: str | None, limit: int
     ) -> list[Invitation]:
         """Newest first; ``invited_by`` None = everyone's; ``before`` = an id to page after."""
