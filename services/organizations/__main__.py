@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import structlog
 
 from services.organizations import SERVICE
@@ -21,6 +24,8 @@ def main() -> None:
             value=settings.organizations_email_verification,
         )
     _, app = build(settings)
+    # uvicorn re-raises SIGTERM once it has drained; by then the service stopped cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve(app, settings)
 
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from services.organizations import SERVICE
+from services.organizations.app import build
 from services.organizations.handlers import SignupOrganizations
 from services.organizations.repository import INDEXES
 from services.organizations.settings import OrganizationsSettings
 from shared.runtime import ServiceRuntime
 from tests.integration.organizations.harness import Harness, StartHarness
-from tests.support import EventTap, Isolation
+from tests.support import EventTap, Isolation, RunningService, running_service
+
+StartService = Callable[..., Awaitable[RunningService]]
 
 
 @pytest.fixture
@@ -41,3 +45,16 @@ async def start_harness(
     yield start
     for runtime in started:
         await runtime.stop()
+
+
+@pytest.fixture
+async def start_service(isolation: Isolation) -> AsyncIterator[StartService]:
+    """Start the whole service as ``build`` wires it (consumers, relay, HTTP in memory)."""
+    async with AsyncExitStack() as stack:
+
+        async def start(**overrides: Any) -> RunningService:
+            settings = isolation.settings(OrganizationsSettings, SERVICE, **overrides)
+            runtime, app = build(settings)
+            return await stack.enter_async_context(running_service(runtime, app, isolation))
+
+        yield start
