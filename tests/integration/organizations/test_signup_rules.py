@@ -54,6 +54,8 @@ async def test_a_verified_signup_creates_a_free_workspace_owned_by_the_user(
         ("organization.provisioned", {"user_id": "u1", "organization_id": org["_id"]}),
     ]
     assert {(e.causation_id, e.correlation_id) for e in events} == {(cause.id, cause.id)}
+    published = await harness.published.wait_for(lambda msgs: len(msgs) >= 2)
+    assert [m.type for m in published] == [e.type for e in events]
 
 
 # -- the email-verification gate ---------------------------------------------------------
