@@ -42,7 +42,7 @@ def demo_env(infra: dict[str, str], *, namespace: str, database_prefix: str) -> 
         "GRANTWIRE_MONGO_URL": infra["GRANTWIRE_MONGO_URL"],
         "GRANTWIRE_NAMESPACE": namespace,
         "GRANTWIRE_MONGO_DB": database_prefix,
-        "GRANTWIRE_EMAIL_VERIFICATION": "strict",
+        "GRANTWIRE_ORGANIZATIONS_EMAIL_VERIFICATION": "strict",
         "GRANTWIRE_MAILER": "log",
         "GRANTWIRE_JWT_SECRET": secrets.token_hex(32),  # per run, never stored
         **REFERRAL,

@@ -96,8 +96,13 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, **kwargs: Any) ->
 
 def serve(app: FastAPI, settings: ServiceSettings) -> None:
     """Run the service's HTTP server; SIGTERM drains through the app's lifespan."""
+    import signal
+
     import uvicorn
 
+    # uvicorn re-raises the captured SIGTERM after its graceful shutdown; with a no-op
+    # Python handler in place that re-raise does not kill us, so a drained exit is 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
         app,
         host=settings.http_host,

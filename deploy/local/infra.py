@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -161,6 +162,14 @@ def free_port() -> int:
         return port
 
 
+def _raise_file_limit() -> None:
+    """In the child before exec: allow as many open files as the hard limit permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 64_000
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def start_mongod(binary: str, port: int) -> None:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -168,8 +177,12 @@ def start_mongod(binary: str, port: int) -> None:
         "--dbpath", str(DATA_DIR), "--fork", "--logpath", str(LOG_FILE), "--logappend",
         "--pidfilepath", str(PID_FILE), "--wiredTigerCacheSizeGB", "0.25",
         "--setParameter", "transactionLifetimeLimitSeconds=60",
+        # Test suites create and drop many small databases: close idle file handles
+        # quickly so the process stays far below its open-file limit.
+        "--wiredTigerEngineConfigString",
+        "file_manager=(close_idle_time=30,close_scan_interval=10,close_handle_minimum=250)",
     ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_raise_file_limit)
     if res.returncode != 0:
         tail = LOG_FILE.read_text(errors="replace").splitlines()[-5:] if LOG_FILE.exists() else []
         raise InfraError(f"mongod failed (exit {res.returncode}); {LOG_FILE}:\n" + "\n".join(tail))
