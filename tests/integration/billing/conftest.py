@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -69,6 +70,7 @@ class BillingUnderTest:
     tap: EventTap
     amqp: AbstractRobustConnection
     isolation: Isolation
+    published: Counter[str] = field(default_factory=Counter)
 
     @property
     def runtime(self) -> ServiceRuntime:
@@ -79,7 +81,13 @@ class BillingUnderTest:
         return self.billing.store
 
     async def publish(self, event: Event, envelope: Envelope | None = None) -> Envelope:
+        self.published[event.event_type] += 1
         return await publish_event(self.amqp, self.isolation.naming, event, envelope=envelope)
+
+    async def settled(self, timeout: float = 10) -> None:
+        """Wait until every message this test published was handled (effects all written)."""
+        for event_type, count in self.published.items():
+            await self.wait_handled(event_type, count, timeout)
 
     def handled(self, event_type: str) -> int:
         """Messages of ``event_type`` this test's consumers settled as handled."""

@@ -30,8 +30,9 @@ async def test_accepted_referral_credits_both_organizations_and_publishes_each_c
     await billing.wait_handled(PROVISIONED, 2)
     cause = await billing.publish(accepted(1))
 
-    await billing.wait_balance("org-a", 1000)
-    await billing.wait_balance("org-b", 500)
+    await billing.settled()
+    assert await billing.balance("org-a") == 1000
+    assert await billing.balance("org-b") == 500
     assert await billing.referral_sides("inv1") == {"referee": "applied", "referrer": "applied"}
     credits = {c["side"]: c for c in await billing.wait_credits(2)}
     assert credits["referee"] == {
@@ -61,7 +62,8 @@ async def test_with_a_mailer_the_referee_is_credited_at_provisioning_without_rec
     await billing.publish(provisioned("inviter", "org-a"))
     await billing.wait_handled(PROVISIONED, 1)
     await billing.publish(accepted(1))  # the friend signed up; unverified, no organization yet
-    await billing.wait_balance("org-a", 500 + 1000)
+    await billing.settled()
+    assert await billing.balance("org-a") == 500 + 1000
     assert await billing.referral_sides("inv1") == {
         "referee": "no_organization",
         "referrer": "applied",
@@ -70,7 +72,8 @@ async def test_with_a_mailer_the_referee_is_credited_at_provisioning_without_rec
     await billing.publish(created("org-b"))  # the friend verified their email
     await billing.publish(provisioned("friend1", "org-b"))
 
-    await billing.wait_balance("org-b", 500 + 500)
+    await billing.settled()  # no reconcile involved: the provisioned event itself credits
+    assert await billing.balance("org-b") == 500 + 500
     assert await billing.referral_sides("inv1") == {"referee": "applied", "referrer": "applied"}
     assert await billing.ledger_keys("org-b") == ["referral:inv1:referee", "signup_grant:org-b"]
 
@@ -91,8 +94,9 @@ async def test_either_event_order_credits_the_same_totals(
     for event in events[second]:
         await billing.publish(event)
 
-    await billing.wait_balance("org-a", 1000)
-    await billing.wait_balance("org-b", 500)
+    await billing.settled()
+    assert await billing.balance("org-a") == 1000
+    assert await billing.balance("org-b") == 500
     assert await billing.ledger_keys() == ["referral:inv1:referee", "referral:inv1:referrer"]
     assert len(await billing.wait_credits(2)) == 2
 
@@ -104,12 +108,14 @@ async def test_provisioning_the_inviter_later_credits_the_referrer_side(
     await billing.publish(provisioned("friend1", "org-b"))
     await billing.wait_handled(PROVISIONED, 1)
     await billing.publish(accepted(1))
-    await billing.wait_balance("org-b", 500)
+    await billing.settled()
+    assert await billing.balance("org-b") == 500
     assert (await billing.referral_sides("inv1"))["referrer"] == "no_organization"
 
     await billing.publish(provisioned("inviter", "org-a"))
 
-    await billing.wait_balance("org-a", 1000)
+    await billing.settled()
+    assert await billing.balance("org-a") == 1000
     assert await billing.referral_sides("inv1") == {"referee": "applied", "referrer": "applied"}
 
 
@@ -126,9 +132,8 @@ async def test_the_same_events_delivered_three_times_credit_once_and_never_dead_
         await billing.publish(accepted(1), envelope=envelope)
     await billing.publish(accepted(1))  # and a replay under a new id
 
-    await billing.wait_handled(ACCEPTED, 4)
-    await billing.wait_handled(PROVISIONED, 6)
-    await billing.wait_handled(CREATED, 3)
+    await billing.settled()
+    assert billing.handled(ACCEPTED) == 4 and billing.handled(PROVISIONED) == 6
     assert await billing.balance("org-a") == 1000
     assert await billing.balance("org-b") == 500 + 500
     assert await billing.ledger_keys() == [
@@ -148,10 +153,9 @@ async def test_disabled_referrals_are_recorded_not_credited_but_the_signup_grant
     await billing.publish(provisioned("friend1", "org-b"))
     await billing.publish(accepted(1))
     await billing.publish(created("org-b"))
-    await billing.wait_handled(ACCEPTED, 1)
-    await billing.wait_handled(PROVISIONED, 2)
+    await billing.settled()
 
-    await billing.wait_balance("org-b", 500)  # the signup grant only
+    assert await billing.balance("org-b") == 500  # the signup grant only
     assert await billing.balance("org-a") == 0
     assert await billing.ledger_keys() == ["signup_grant:org-b"]
     assert await billing.referral_sides("inv1") == {"referee": None, "referrer": None}
@@ -168,7 +172,7 @@ async def test_self_referral_no_inviter_and_zero_units_credit_nothing_on_that_si
     await billing.publish(accepted(1, inviter="friend1"))  # invited themselves
     await billing.publish(accepted(2, inviter=None))  # an invite with no inviter
     await billing.publish(accepted(3, inviter="inviter", referee="friend3"))
-    await billing.wait_handled(ACCEPTED, 3)
+    await billing.settled()
 
     assert await billing.referral_sides("inv1") == {
         "referee": "applied",
@@ -188,8 +192,8 @@ async def test_signup_grant_only_for_plans_that_have_one(start_billing: StartBil
     await billing.publish(created("org-free"))
     await billing.publish(created("org-team", plan="team"))
     await billing.publish(created("org-pro", plan="pro"))
-    await billing.wait_handled(CREATED, 3)
-    await billing.wait_balance("org-free", 500)
+    await billing.settled()
+    assert await billing.balance("org-free") == 500
     assert await billing.ledger_keys() == ["signup_grant:org-free"]
     [credit] = await billing.wait_credits(1)
     assert credit["source"] == "signup_grant" and credit["side"] is None
