@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import sys
-
 from services.invitations import SERVICE
 from services.invitations.app import build
 from services.invitations.settings import InvitationsSettings
@@ -21,10 +18,6 @@ def main() -> None:
             "invitations: set GRANTWIRE_JWT_SECRET (HS256) or GRANTWIRE_JWT_PUBLIC_KEY (RS256)"
         )
     _runtime, app = build(settings)
-    # uvicorn drains on SIGTERM, restores the previous handler and re-raises the signal, which
-    # would end the process with -15; after a clean drain this handler makes that exit 0.
-    # (Belongs in shared.http.serve for every service; reported to the kit's owner.)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve(app, settings)
 
 
