@@ -74,3 +74,39 @@ def serve(service: str = typer.Argument(..., help="organizations | invitations |
     import importlib
 
     importlib.import_module(f"services.{service}.__main__").main()
+
+
+# -- billing jobs (each also runs as a Kubernetes CronJob with the same command) ---------
+def _billing_job(name: str) -> None:
+    """Run a billing job from the environment; one JSON report line; exit 1 on problems."""
+    import json
+
+    from services.billing import jobs
+
+    report = jobs.run(name)
+    typer.echo(json.dumps(report.as_dict(), default=str))
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def reconcile() -> None:
+    """Billing safety net (daily): grant every referral side still open; exit 1 on errors."""
+    _billing_job("reconcile")
+
+
+@app.command()
+def expire() -> None:
+    """Billing: one `expiration` entry per expired topup for its unspent units (idempotent)."""
+    _billing_job("expire")
+
+
+@app.command()
+def audit() -> None:
+    """Billing: every balance equals its ledger sum, no key twice; exit 1 on any finding."""
+    _billing_job("audit")
+
+
+@app.command()
+def preseed() -> None:
+    """Billing, before the first enable: close open referral sides so old ones stay uncredited."""
+    _billing_job("preseed")

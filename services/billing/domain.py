@@ -25,6 +25,7 @@ SideOutcome = Literal[
     "no_accepted_user",
     "no_inviter",
     "self_referral",
+    "preseeded",  # closed by an operator before the first enable (README: first enable)
 ]
 SideState = Literal["open", "granted", "closed"]
 """``open``: may still be granted (undecided, or no organization yet); ``granted``: the key

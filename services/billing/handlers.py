@@ -292,6 +292,7 @@ class Billing:
         except DuplicateKeyError as exc:
             if not _is_ref_id_conflict(exc):
                 raise
+            await store.settle_expiry_in(None, topup["_id"])  # the key exists: settled already
             return None
 
     # -- reads -----------------------------------------------------------------------

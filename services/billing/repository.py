@@ -32,6 +32,7 @@ from services.billing.domain import (
     Grant,
     LedgerCursor,
     Referral,
+    SideOutcome,
     SideRecord,
     SideResult,
     side_state,
@@ -135,7 +136,9 @@ class BillingStore:
         )
         return int(account["balance"]) if account else 0
 
-    async def settle_expiry_in(self, session: AsyncClientSession, topup_id: ObjectId) -> None:
+    async def settle_expiry_in(
+        self, session: AsyncClientSession | None, topup_id: ObjectId
+    ) -> None:
         await self.ledger.update_one(
             {"_id": topup_id}, {"$unset": {"expiry_open": ""}}, session=session
         )
@@ -219,6 +222,25 @@ class BillingStore:
             [{"$set": sides}, {"$set": {"open": {"$in": ["open", states]}}}],
         )
 
+    async def close_open_sides(self, outcome: SideOutcome, at: datetime) -> int:
+        """Close every open side with ``outcome``; returns how many referrals changed."""
+        record = {"state": side_state(outcome), "outcome": outcome, "at": at}
+        sides = {
+            f"sides.{side}": {
+                "$cond": [
+                    {"$eq": [f"$sides.{side}.state", "open"]},
+                    {"$literal": record},
+                    f"$sides.{side}",
+                ]
+            }
+            for side in SIDES
+        }
+        states = [f"$sides.{side}.state" for side in SIDES]
+        result = await self.referrals.update_many(
+            {"open": True}, [{"$set": sides}, {"$set": {"open": {"$in": ["open", states]}}}]
+        )
+        return result.modified_count
+
     async def open_referrals_of(self, user_id: str) -> list[Referral]:
         """Referrals with an open side where ``user_id`` is the referee or the inviter."""
         query = {"$or": [{"referee": user_id, "open": True}, {"inviter": user_id, "open": True}]}
@@ -231,6 +253,9 @@ class BillingStore:
             query["_id"] = {"$gt": after}
         cursor = self.referrals.find(query).sort("_id", ASCENDING).limit(limit)
         return [_referral(doc) async for doc in cursor]
+
+    async def count_due_topups(self, now: datetime) -> int:
+        return await self.ledger.count_documents({"expiry_open": True, "expires_at": {"$lte": now}})
 
     async def count_open_referrals(self) -> int:
         return await self.referrals.count_documents({"open": True})

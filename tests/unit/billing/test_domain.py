@@ -225,6 +225,7 @@ def test_only_users_of_open_grantable_sides_are_resolved() -> None:
         ("no_accepted_user", "closed"),
         ("no_inviter", "closed"),
         ("self_referral", "closed"),
+        ("preseeded", "closed"),
     ],
 )
 def test_side_state_after_each_outcome(outcome: str, state: str) -> None:
