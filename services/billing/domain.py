@@ -7,7 +7,7 @@ can never drift between the instant path and the reconcile safety net.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -180,9 +180,6 @@ class GrantResult:
     skipped: Skip | None = None
     sides: tuple[SideResult, ...] = ()
 
-    def outcome(self, side: Side) -> SideOutcome | None:
-        return next((r.outcome for r in self.sides if r.side == side), None)
-
     def summary(self) -> dict[str, str]:
         if self.skipped:
             return {"skipped": self.skipped}
@@ -298,18 +295,19 @@ def conclude(decision: GrantDecision, applied: Mapping[str, bool]) -> GrantResul
 
 
 def changed_sides(referral: Referral, result: GrantResult) -> tuple[SideResult, ...]:
-    """The side results the projection does not know yet (nothing to write otherwise)."""
-    return tuple(
-        r
-        for r in result.sides
-        if (side_state(r.outcome), r.outcome, r.organization_id)
-        != (
-            referral.record(r.side).state,
-            referral.record(r.side).outcome,
-            referral.record(r.side).organization_id,
-        )
-        and referral.record(r.side).state != "granted"
-    )
+    """The side results the projection does not know yet; a granted side is never rewritten."""
+    changed: list[SideResult] = []
+    for r in result.sides:
+        known = referral.record(r.side)
+        if known.state == "granted":
+            continue
+        if (known.state, known.outcome, known.organization_id) != (
+            side_state(r.outcome),
+            r.outcome,
+            r.organization_id,
+        ):
+            changed.append(r)
+    return tuple(changed)
 
 
 def signup_grant(
@@ -352,12 +350,3 @@ class LedgerCursor:
         if match is None:
             raise InvalidCursorError(f"not a ledger cursor: {text!r}")
         return cls(int(match["at"]), match["id"])
-
-
-def summarize_sides(results: Sequence[GrantResult]) -> dict[str, int]:
-    """Count of side outcomes across results (for job reports)."""
-    counts: dict[str, int] = {}
-    for result in results:
-        for side in result.sides:
-            counts[side.outcome] = counts.get(side.outcome, 0) + 1
-    return counts

@@ -8,7 +8,8 @@ Collections
   the transaction that appends an entry, so it always equals the sum of the entries.
 - ``referrals``: accepted invitations ``{_id: invitation_id, inviter, referee, accepted_at,
   sides: {referee|referrer: {state, outcome, organization_id, at}}, open}``; ``open`` is
-  true while a side is open, so the provisioned listener and reconcile read open work only.
+  true while a side is open (reconcile walks those); the provisioned listener reads the
+  referrals where its user's own side is open.
 - ``memberships``: user -> organization pairs seen in ``organization.provisioned``
   ``{user_id, organization_id, first_seen, last_provisioned_at}``. A user's organization is
   the one provisioned most recently (by event time: organizations publishes it when it sets
@@ -61,8 +62,10 @@ INDEXES: dict[str, list[IndexModel]] = {
     ACCOUNTS: [],
     REFERRALS: [
         IndexModel([("open", ASCENDING), ("_id", ASCENDING)], name="open_walk"),
-        IndexModel([("referee", ASCENDING), ("open", ASCENDING)], name="by_referee"),
-        IndexModel([("inviter", ASCENDING), ("open", ASCENDING)], name="by_inviter"),
+        IndexModel([("referee", ASCENDING), ("sides.referee.state", ASCENDING)], name="by_referee"),
+        IndexModel(
+            [("inviter", ASCENDING), ("sides.referrer.state", ASCENDING)], name="by_inviter"
+        ),
     ],
     MEMBERSHIPS: [
         IndexModel(
@@ -242,8 +245,13 @@ class BillingStore:
         return result.modified_count
 
     async def open_referrals_of(self, user_id: str) -> list[Referral]:
-        """Referrals with an open side where ``user_id`` is the referee or the inviter."""
-        query = {"$or": [{"referee": user_id, "open": True}, {"inviter": user_id, "open": True}]}
+        """Referrals where ``user_id``'s own side is open (as referee or as referrer)."""
+        query = {
+            "$or": [
+                {"referee": user_id, "sides.referee.state": "open"},
+                {"inviter": user_id, "sides.referrer.state": "open"},
+            ]
+        }
         return [_referral(doc) async for doc in self.referrals.find(query)]
 
     async def open_referrals_after(self, after: str | None, limit: int) -> list[Referral]:
