@@ -9,6 +9,7 @@ at least one of them sees the other's fact and grants; the ledger key makes the 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,6 +80,20 @@ def _is_ref_id_conflict(exc: DuplicateKeyError) -> bool:
     return "ref_id" in pattern
 
 
+class AccountLocks:
+    """One lock per account in this process: grants to a hot account queue up here instead
+    of aborting each other with WriteConflict (other replicas still may; the driver retries)."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def __call__(self, organization_id: str) -> asyncio.Lock:
+        lock = self._locks.get(organization_id)
+        if lock is None:
+            lock = self._locks[organization_id] = asyncio.Lock()
+        return lock
+
+
 @dataclass(frozen=True)
 class LedgerPage:
     entries: list[Document]
@@ -95,6 +110,7 @@ class Billing:
         self._settings = settings
         self.config: ReferralConfig = settings.referral_config()
         self._clock = clock
+        self._account_lock = AccountLocks()
 
     @property
     def store(self) -> BillingStore:
@@ -255,7 +271,8 @@ class Billing:
             await stage_events(store.db, session, [envelope], aggregate_id=grant.organization_id)
 
         try:
-            await self._database.commit(work)
+            async with self._account_lock(grant.organization_id):
+                await self._database.commit(work)
         except DuplicateKeyError as exc:
             if not _is_ref_id_conflict(exc):
                 raise
@@ -288,7 +305,8 @@ class Billing:
             return units
 
         try:
-            return await self._database.commit(work)
+            async with self._account_lock(topup["organization_id"]):
+                return await self._database.commit(work)
         except DuplicateKeyError as exc:
             if not _is_ref_id_conflict(exc):
                 raise
