@@ -29,7 +29,7 @@ from shared.mongo import Document, create_client, ensure_indexes, ping, run_in_t
 from shared.outbox import OutboxRelay, outbox_indexes
 from shared.publisher import ConfirmingPublisher
 from shared.settings import ServiceSettings
-from shared.topology import WorkQueue, declare_exchanges
+from shared.topology import WorkQueue, declare_event_log, declare_exchanges
 
 T = TypeVar("T")
 log = structlog.get_logger("grantwire.runtime")
@@ -119,6 +119,8 @@ class ServiceRuntime:
         )
         setup = await self._connection.channel()
         await declare_exchanges(setup, self.naming)
+        if settings.event_log_enabled:
+            await declare_event_log(setup, self.naming, settings.event_log_max_age)
         await setup.close()
         self._publisher = await ConfirmingPublisher.open(
             self._connection, self.naming.events_exchange

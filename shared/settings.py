@@ -37,6 +37,8 @@ class ServiceSettings(BaseSettings):
     outbox_stuck_after_s: float = 60.0
     shutdown_grace_s: float = 20.0
     keep_dead_letters: bool = True
+    event_log_enabled: bool = True
+    event_log_max_age: str = "7D"
     dead_letter_purged_retention_days: float = 30.0
 
     def naming(self) -> Naming:

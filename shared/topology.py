@@ -45,6 +45,10 @@ class Naming:
     def dead_letter_exchange(self) -> str:
         return f"{self.namespace}grantwire.dead-letters"
 
+    @property
+    def event_log(self) -> str:
+        return f"{self.namespace}grantwire.events.log"
+
     def queue(self, service: str, purpose: str) -> str:
         return f"{self.namespace}{service}.{purpose}"
 
@@ -81,6 +85,29 @@ async def declare_exchanges(
         naming.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
     return events, dead_letters
+
+
+async def declare_event_log(
+    channel: AbstractChannel, naming: Naming, max_age: str = "7D"
+) -> AbstractQueue:
+    """A stream bound to every event: a retained log of all events for operators.
+
+    It also makes every well-formed event routable, so an event with no consumer yet
+    (``billing.credits_granted`` before any team subscribes) is kept, not returned;
+    ``mandatory`` then only fires on real misrouting (a wrong exchange or namespace).
+    """
+    events, _ = await declare_exchanges(channel, naming)
+    log = await channel.declare_queue(
+        naming.event_log,
+        durable=True,
+        arguments={
+            "x-queue-type": "stream",
+            "x-max-age": max_age,
+            "x-stream-max-segment-size-bytes": 50_000_000,
+        },
+    )
+    await log.bind(events, routing_key="#")
+    return log
 
 
 async def declare_work_queue(

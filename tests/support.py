@@ -130,6 +130,7 @@ class Isolation:
         channel = await connection.channel()
         for work_queue, retry in self.tracked:
             await delete_work_queue(channel, self.naming, work_queue, retry)
+        await channel.queue_delete(self.naming.event_log)
         await channel.exchange_delete(self.naming.events_exchange)
         await channel.exchange_delete(self.naming.dead_letter_exchange)
         await channel.close()

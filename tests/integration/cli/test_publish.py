@@ -69,6 +69,7 @@ async def test_invalid_data_is_refused_with_the_errors_and_nothing_is_published(
 
 
 async def test_publish_with_no_queue_bound_fails_loudly(isolation: Isolation) -> None:
+    # No service has declared this namespace's topology (not even the event log).
     result = await asyncio.to_thread(
         run_cli, isolation, "publish", "user.email_verified", "--data", '{"user_id": "u1"}'
     )

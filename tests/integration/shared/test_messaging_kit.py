@@ -136,10 +136,41 @@ async def test_aborted_transaction_publishes_nothing_and_committed_one_publishes
 async def test_unroutable_publish_raises(
     make_runtime: Callable[..., Awaitable[ServiceRuntime]],
 ) -> None:
-    runtime = await make_runtime()
+    runtime = await make_runtime(event_log_enabled=False)
     envelope = Envelope.new(OrganizationProvisioned(user_id="u", organization_id="o"), source="t")
     with pytest.raises(UnroutableError):
         await runtime.publisher.publish(envelope)
+
+
+async def test_an_event_nobody_consumes_yet_is_kept_in_the_event_log_and_the_outbox_drains(
+    make_runtime: Callable[..., Awaitable[ServiceRuntime]],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    runtime = await make_runtime()
+    envelope = Envelope.new(OrganizationProvisioned(user_id="u", organization_id="o"), source="t")
+
+    async def stage(session: object) -> None:
+        await stage_events(runtime.db, session, [envelope], aggregate_id="u")  # type: ignore[arg-type]
+
+    await runtime.commit(stage)
+    await wait_until(lambda: _count(runtime, {"status": "sent"}, 1))
+    channel = await amqp.channel()
+    await channel.set_qos(prefetch_count=10)
+    log = await channel.get_queue(isolation.naming.event_log)
+    logged: list[str | None] = []
+
+    async def keep(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        logged.append(message.message_id)
+        await message.ack()
+
+    await log.consume(keep, arguments={"x-stream-offset": "first"})
+
+    async def seen() -> bool:
+        return envelope.id in logged
+
+    await wait_until(seen)
+    await channel.close()
 
 
 async def test_relay_delivers_what_was_written_while_the_broker_was_unreachable(
