@@ -12,7 +12,12 @@ from services.billing import repository
 from services.billing.domain import MAX_LEDGER_PAGE, InvalidCursorError
 from services.billing.handlers import SERVICE, Billing
 from services.billing.settings import BillingSettings
-from shared.contracts import InvitationAccepted, OrganizationCreated, OrganizationProvisioned
+from shared.contracts import (
+    CreditsGranted,
+    InvitationAccepted,
+    OrganizationCreated,
+    OrganizationProvisioned,
+)
 from shared.http import ApiError, create_service_app
 from shared.mongo import Document
 from shared.runtime import ServiceRuntime
@@ -88,7 +93,12 @@ def routes(billing: Billing) -> APIRouter:
 
 
 def build(settings: BillingSettings) -> tuple[ServiceRuntime, FastAPI]:
-    runtime = ServiceRuntime(service=SERVICE, settings=settings, indexes=repository.INDEXES)
+    runtime = ServiceRuntime(
+        service=SERVICE,
+        settings=settings,
+        indexes=repository.INDEXES,
+        publishes=(CreditsGranted.event_type,),
+    )
     billing = Billing(runtime, settings)
     runtime.subscribe(GRANTS_QUEUE, billing.listeners())
     app = create_service_app(runtime, title="Grantwire billing")

@@ -10,7 +10,7 @@ from services.invitations.auth import TokenVerifier
 from services.invitations.handlers import Invitations
 from services.invitations.mailer import Mailer, build_mailer
 from services.invitations.settings import InvitationsSettings
-from shared.contracts import UserSignedUp
+from shared.contracts import InvitationAccepted, UserSignedUp
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
 from shared.topology import WorkQueue
@@ -23,7 +23,12 @@ def build(
 ) -> tuple[ServiceRuntime, FastAPI]:
     """The runtime (consumer, outbox relay) and the HTTP app; ``mailer`` replaces the
     settings' mailer (tests record mail with it)."""
-    runtime = ServiceRuntime(service=SERVICE, settings=settings, indexes=repository.INDEXES)
+    runtime = ServiceRuntime(
+        service=SERVICE,
+        settings=settings,
+        indexes=repository.INDEXES,
+        publishes=(InvitationAccepted.event_type,),
+    )
     invitations = Invitations(runtime, settings, mailer or build_mailer(settings))
     runtime.subscribe(SIGNUPS, {UserSignedUp.event_type: invitations.on_user_signed_up})
     app = create_service_app(runtime, title="Grantwire invitations")

@@ -9,7 +9,12 @@ from services.organizations import SERVICE
 from services.organizations.handlers import SignupOrganizations
 from services.organizations.repository import INDEXES
 from services.organizations.settings import OrganizationsSettings
-from shared.contracts import UserEmailVerified, UserSignedUp
+from shared.contracts import (
+    OrganizationCreated,
+    OrganizationProvisioned,
+    UserEmailVerified,
+    UserSignedUp,
+)
 from shared.http import ApiError, create_service_app
 from shared.runtime import ServiceRuntime
 from shared.topology import WorkQueue
@@ -33,7 +38,12 @@ class OrganizationOfUserView(BaseModel):
 
 
 def build(settings: OrganizationsSettings) -> tuple[ServiceRuntime, FastAPI]:
-    runtime = ServiceRuntime(service=SERVICE, settings=settings, indexes=INDEXES)
+    runtime = ServiceRuntime(
+        service=SERVICE,
+        settings=settings,
+        indexes=INDEXES,
+        publishes=(OrganizationCreated.event_type, OrganizationProvisioned.event_type),
+    )
     organizations = SignupOrganizations(runtime, settings.policy())
     runtime.subscribe(
         USERS_QUEUE,
