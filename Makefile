@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: install lock infra-up infra-down demo up down docs docs-check test test-unit lint fmt clean
+.PHONY: install lock infra-up infra-down demo up down docs docs-check test bench test-unit lint fmt clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ docs-check: install
 
 test: install infra-up
 	$(BIN)/pytest -q
+
+# Throughput and latency on the local infrastructure, against a raw-broker baseline
+# measured in the same run; writes bench/results/.
+bench: install infra-up
+	$(BIN)/python -m bench
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
