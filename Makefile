@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: install lock infra-up infra-down demo up down docs docs-check test bench test-unit lint fmt clean
+.PHONY: install lock infra-up infra-down demo up down docs docs-check test bench validate-deploy test-unit lint fmt clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ infra-up: install
 
 infra-down:
 	$(BIN)/python deploy/local/infra.py down
+
+# Validate what cannot run here (no Docker engine): manifests, Dockerfile, compose, broker permissions.
+validate-deploy:
+	bash deploy/validate.sh
 
 # The main job: the whole referral story on three real service processes.
 demo: install infra-up

@@ -33,8 +33,10 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
+from shared.logging import mask_url
 from shared.mongo import Document, create_client
 from shared.publisher import ConfirmingPublisher
 
@@ -429,9 +431,15 @@ def _operator(value: str | None) -> str:
 
 async def _with_store(work: Callable[[DeadLetterStore, DlqSettings], Any]) -> Any:
     settings = DlqSettings()
-    client = create_client(settings.mongo_url.get_secret_value(), app_name="grantwire-dlq")
+    client = create_client(
+        settings.mongo_url.get_secret_value(), app_name="grantwire-dlq", timeout_ms=5_000
+    )
     try:
         return await work(DeadLetterStore(client, settings.dlq_databases), settings)
+    except PyMongoError as exc:
+        url = mask_url(settings.mongo_url.get_secret_value())
+        typer.echo(f"database at {url} unavailable: {type(exc).__name__}", err=True)
+        raise typer.Exit(1) from exc
     finally:
         await client.close()
 

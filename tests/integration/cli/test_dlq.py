@@ -261,3 +261,10 @@ async def test_a_dead_letter_redelivered_after_a_keeper_crash_is_kept_once(
 
 def _signup(n: int) -> UserSignedUp:
     return UserSignedUp(user_id=f"u{n}", email=f"u{n}@example.com", email_verified=True)
+
+
+def test_an_unreachable_database_is_a_clear_error_with_the_password_masked() -> None:
+    env = {"GRANTWIRE_MONGO_URL": "mongodb://ops:s3cret@127.0.0.1:1/?serverSelectionTimeoutMS=300"}
+    result = CliRunner().invoke(app, ["dlq", "list"], env=env)
+    assert result.exit_code == 1
+    assert "unavailable" in result.output and "s3cret" not in result.output
