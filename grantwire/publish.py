@@ -15,6 +15,7 @@ from typing import Annotated
 
 import aio_pika
 import typer
+from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
 from shared.contracts import EVENT_MODELS, Event
@@ -22,7 +23,6 @@ from shared.envelope import Envelope
 from shared.logging import mask_url
 from shared.publisher import ConfirmingPublisher, UnroutableError
 from shared.settings import ServiceSettings
-from shared.topology import declare_exchanges
 
 
 class PublishSettings(ServiceSettings):
@@ -53,8 +53,7 @@ async def publish_envelope(settings: ServiceSettings, envelope: Envelope) -> Non
     """Publish one envelope to the events exchange and wait for the broker's confirm."""
     connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
     try:
-        channel = await connection.channel()
-        await declare_exchanges(channel, settings.naming())
+        # Passive: a publisher needs write permission only, never configure.
         publisher = await ConfirmingPublisher.open(connection, settings.naming().events_exchange)
         await publisher.publish(envelope)
     finally:
@@ -86,6 +85,10 @@ def register(app: typer.Typer) -> None:
         settings = PublishSettings()
         try:
             asyncio.run(publish_envelope(settings, envelope))
+        except ChannelNotFoundEntity as exc:
+            exchange = settings.naming().events_exchange
+            typer.echo(f"not published: exchange {exchange!r} does not exist", err=True)
+            raise typer.Exit(1) from exc
         except UnroutableError as exc:
             typer.echo(
                 f"not published: {exc} (is the consuming service's queue declared?)", err=True
