@@ -69,10 +69,10 @@ def service_runtimes() -> dict[str, ServiceRuntime]:
     for name in SERVICES:
         app_module = importlib.import_module(f"services.{name}.app")
         settings_module = importlib.import_module(f"services.{name}.settings")
-        settings_cls = next(
-            getattr(settings_module, attr)
-            for attr in dir(settings_module)
-            if attr.endswith("Settings") and attr != "ServiceSettings"
+        settings_cls = next(  # the service's own class, not the mixins it imports
+            value
+            for attr, value in vars(settings_module).items()
+            if attr.endswith("Settings") and value.__module__ == settings_module.__name__
         )
         runtime, _ = app_module.build(settings_cls(namespace=""))
         runtimes[name] = runtime

@@ -102,9 +102,15 @@ class Client:
         )
         return response.json() if response.status_code == 200 else None
 
+    def admin_headers(self) -> dict[str, str]:
+        """Bearer header of an admin token: billing's reads are for members and admins."""
+        token = self.token_for("demo-admin", "admin@example.com", roles=("admin",))
+        return {"Authorization": f"Bearer {token}"}
+
     async def balance(self, organization_id: str) -> int:
         response = await self.http.get(
-            f"{self.system['billing'].url}/organizations/{organization_id}/balance"
+            f"{self.system['billing'].url}/organizations/{organization_id}/balance",
+            headers=self.admin_headers(),
         )
         response.raise_for_status()
         return int(response.json()["balance"])

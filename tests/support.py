@@ -231,3 +231,18 @@ async def running_service(
             yield RunningService(runtime, http)
     finally:
         await runtime.stop()
+
+
+def bearer(
+    secret: str, user_id: str, *, roles: tuple[str, ...] = (), email: str | None = None
+) -> dict[str, str]:
+    """``Authorization`` header of a valid HS256 token (``sub``, ``email``, ``roles``, 5 min)."""
+    import jwt
+
+    claims = {
+        "sub": user_id,
+        "email": email or f"{user_id}@example.com",
+        "roles": list(roles),
+        "exp": int(time.time()) + 300,
+    }
+    return {"Authorization": f"Bearer {jwt.encode(claims, secret, algorithm='HS256')}"}

@@ -144,6 +144,20 @@ def service_queues(findings: Findings) -> dict[str, dict[str, set[str]]]:
     return result
 
 
+def jwt_services() -> set[str]:
+    """Services whose process refuses to start without a JWT key (``require_jwt_key`` in their
+    ``__main__.py``): their HTTP APIs verify bearer tokens."""
+    found = set()
+    for service in SERVICES:
+        main = REPO / "services" / service / "__main__.py"
+        if main.exists() and "require_jwt_key(" in main.read_text():
+            found.add(service)
+    return found
+
+
+JWT_KEYS = ("GRANTWIRE_JWT_SECRET", "GRANTWIRE_JWT_PUBLIC_KEY")
+
+
 def event_log_arguments() -> dict[str, Any]:
     """The stream arguments of ``declare_event_log`` (shared/topology.py) with the default age."""
     tree = ast.parse((REPO / "shared" / "topology.py").read_text())
@@ -472,6 +486,12 @@ def check_compose() -> int:
             findings.check(
                 f"//{service_name}:" in environment.get(key, ""),
                 f"{service_name}: {key} must use its own user",
+            )
+        if service_name in jwt_services():
+            findings.check(
+                any(key in environment for key in JWT_KEYS),
+                f"{service_name}: needs GRANTWIRE_JWT_SECRET or GRANTWIRE_JWT_PUBLIC_KEY "
+                "(it refuses to start without one)",
             )
     mongo_command = services.get("mongo", {}).get("command", [])
     findings.check("--replSet" in mongo_command, "mongo must run as a replica set (transactions)")
@@ -875,6 +895,12 @@ def check_k8s(rendered: Path, profile: str) -> int:
                     defined.get("GRANTWIRE_MONGO_DB") == f"grantwire_{service_name}",
                     f"{cwhere}: GRANTWIRE_MONGO_DB of {service_name}",
                 )
+                if service_name in jwt_services():
+                    findings.check(
+                        any(defined.get(key) == "<from secret>" for key in JWT_KEYS),
+                        f"{cwhere}: GRANTWIRE_JWT_SECRET or GRANTWIRE_JWT_PUBLIC_KEY from a "
+                        "Secret (the service refuses to start without a JWT key)",
+                    )
                 probes = {
                     probe: container.get(probe, {}).get("httpGet", {}).get("path")
                     for probe in ("livenessProbe", "readinessProbe", "startupProbe")

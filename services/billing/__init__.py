@@ -10,7 +10,8 @@ Publishes, through the outbox in the grant's own transaction:
 - ``billing.credits_granted`` {organization_id, ref_id, source, amount, balance,
   expires_at, invitation_id, side}.
 
-HTTP: ``GET /organizations/{id}/balance``, ``GET /organizations/{id}/ledger?limit=&cursor=``,
+HTTP (``api.py``; bearer JWT, members of the organization or admins):
+``GET /organizations/{id}/balance``, ``GET /organizations/{id}/ledger?limit=&cursor=``;
 ``/healthz``, ``/readyz``, ``/metrics``.
 
 Jobs (``grantwire reconcile | expire | audit``, see ``jobs.py``). Configuration: ``settings.py``.

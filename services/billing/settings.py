@@ -12,11 +12,13 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from services.billing.domain import ReferralConfig
+from shared.auth import JwtSettings
 from shared.settings import ServiceSettings
 
 
-class BillingSettings(ServiceSettings):
-    """Settings of the billing service and its jobs."""
+class BillingSettings(ServiceSettings, JwtSettings):
+    """Settings of the billing service and its jobs; ``JwtSettings`` for the read API (the
+    service refuses to start without a JWT key; the jobs need none)."""
 
     mongo_db: str = "grantwire_billing"
     http_port: int = 8003

@@ -11,7 +11,9 @@ Publishes (through the outbox, in the transaction that accepts the invite):
 HTTP API (bearer JWT except verify; errors are ``{"error": code, "message": text}``):
 - ``POST /invitations`` create, ``GET /invitations`` list (admins: all; others: their own),
   ``DELETE /invitations/{id}`` revoke, ``POST /invitations/{id}/resend`` (admin),
-  ``GET /invitations/verify/{token}`` (public).
+  ``GET /invitations/verify/{token}`` (public). A request body over
+  ``GRANTWIRE_MAX_HTTP_BODY_BYTES`` (64 KiB) is 413 before anything else; list pages are
+  1..200 (``limit``).
 """
 
 SERVICE = "invitations"

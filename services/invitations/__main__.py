@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.invitations import SERVICE
 from services.invitations.app import build
 from services.invitations.settings import InvitationsSettings
+from shared.auth import require_jwt_key
 from shared.http import serve
 from shared.logging import configure_logging
 
@@ -12,11 +13,7 @@ from shared.logging import configure_logging
 def main() -> None:
     settings = InvitationsSettings()
     configure_logging(SERVICE, settings.log_level, settings.log_json)
-    if not settings.jwt_configured():
-        # An API nobody can call is a deployment error: say so now, not on every request.
-        raise SystemExit(
-            "invitations: set GRANTWIRE_JWT_SECRET (HS256) or GRANTWIRE_JWT_PUBLIC_KEY (RS256)"
-        )
+    require_jwt_key(SERVICE, settings)
     _runtime, app = build(settings)
     serve(app, settings)
 

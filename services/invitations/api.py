@@ -11,10 +11,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from services.invitations.auth import AuthError, Principal, TokenVerifier
 from services.invitations.domain import (
     AlreadyAUser,
     DuplicatePendingInvitation,
@@ -33,7 +31,7 @@ from services.invitations.domain import (
     retry_after_header,
 )
 from services.invitations.handlers import Invitations
-from shared.http import ApiError
+from shared.auth import Principal, TokenVerifier, bearer_principal
 
 HTTP_STATUS: dict[type[InvitationError], int] = {
     SelfInvite: 422,
@@ -49,7 +47,6 @@ HTTP_STATUS: dict[type[InvitationError], int] = {
     NoMailer: 422,
     MailNotSent: 502,
 }
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 class CreateInvitation(BaseModel):
@@ -109,19 +106,7 @@ class VerificationView(BaseModel):
 def invitations_router(invitations: Invitations, verifier: TokenVerifier) -> APIRouter:
     """The ``/invitations`` routes over the use cases."""
     router = APIRouter(prefix="/invitations", tags=["invitations"])
-    bearer = HTTPBearer(auto_error=False)
-
-    def principal(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> Principal:
-        if credentials is None:
-            raise ApiError(401, "unauthorized", "a bearer token is required", _CHALLENGE)
-        try:
-            return verifier.verify(credentials.credentials)
-        except AuthError as exc:
-            raise ApiError(401, "unauthorized", str(exc), _CHALLENGE) from exc
-
-    Caller = Annotated[Principal, Depends(principal)]
+    Caller = Annotated[Principal, Depends(bearer_principal(verifier))]
 
     @router.post("", status_code=201, response_model=CreatedInvitation)
     async def create(body: CreateInvitation, caller: Caller) -> CreatedInvitation:

@@ -11,7 +11,6 @@ from bson import ObjectId
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.invitations import SERVICE
-from services.invitations.auth import Principal
 from services.invitations.domain import (
     CreateFacts,
     Invitation,
@@ -31,6 +30,7 @@ from services.invitations.domain import (
 from services.invitations.mailer import InvitationMail, Mailer
 from services.invitations.repository import InvitationRepository
 from services.invitations.settings import InvitationsSettings
+from shared.auth import Principal
 from shared.contracts import Event, InvitationAccepted, UserSignedUp, normalize_email
 from shared.envelope import Envelope
 from shared.outbox import stage_events

@@ -9,27 +9,22 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.invitations.domain import CreatePolicy
+from shared.auth import JwtSettings
+from shared.limits import HttpLimitsSettings
 from shared.settings import ServiceSettings
 
 MailerKind = Literal["none", "log", "smtp"]
 
 
-class InvitationsSettings(ServiceSettings):
-    """Invitations: JWT verification, invite lifetime and limits, the mailer."""
+class InvitationsSettings(ServiceSettings, JwtSettings, HttpLimitsSettings):
+    """Invitations: JWT verification (``JwtSettings``), the request body limit
+    (``HttpLimitsSettings``), invite lifetime and limits, the mailer."""
 
     # ``GRANTWIRE_INVITE_RATE_LIMIT=null`` turns an optional limit off from the environment.
     model_config = SettingsConfigDict(env_parse_none_str="null")
 
     mongo_db: str = "grantwire_invitations"
     http_port: int = 8002
-
-    # Bearer JWT: HS256 with a shared secret and/or RS256 with a PEM public key.
-    jwt_secret: SecretStr | None = None
-    jwt_public_key: str | None = None
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
-    jwt_leeway_s: float = 30.0
-    admin_role: str = "admin"
 
     invite_ttl_days: float = Field(default=14, gt=0)
     invite_lifetime_cap: int | None = Field(default=None, ge=0)  # None = off, 0 = nobody
@@ -56,10 +51,6 @@ class InvitationsSettings(ServiceSettings):
         if "{token}" not in self.invite_url_template:
             raise ValueError("GRANTWIRE_INVITE_URL_TEMPLATE must contain {token}")
         return self
-
-    def jwt_configured(self) -> bool:
-        """True when a token can be verified at all (the process refuses to start otherwise)."""
-        return self.jwt_secret is not None or bool(self.jwt_public_key)
 
     def mailer_kind(self) -> MailerKind:
         if self.mailer is not None:

@@ -67,6 +67,7 @@ async def ledger(client: Client, organization_id: str) -> list[dict[str, Any]]:
     response = await client.http.get(
         f"{client.system['billing'].url}/organizations/{organization_id}/ledger",
         params={"limit": 200},
+        headers=client.admin_headers(),
     )
     response.raise_for_status()
     body = response.json()

@@ -29,10 +29,14 @@ from tests.support import (
     EventTap,
     Isolation,
     RunningService,
+    bearer,
     publish_event,
     running_service,
     wait_until,
 )
+
+JWT_SECRET = "billing-test-secret-of-at-least-32-bytes"
+ADMIN = bearer(JWT_SECRET, "ops-admin", roles=("admin",))
 
 REFERRAL_ON: dict[str, Any] = {
     "referral_enabled": True,
@@ -109,7 +113,9 @@ class BillingUnderTest:
         await wait_until(done, timeout=timeout)
 
     async def balance(self, organization_id: str) -> int:
-        response = await self.service.http.get(f"/organizations/{organization_id}/balance")
+        response = await self.service.http.get(
+            f"/organizations/{organization_id}/balance", headers=ADMIN
+        )
         assert response.status_code == 200, response.text
         return int(response.json()["balance"])
 
@@ -158,7 +164,8 @@ async def start_billing(
     async with AsyncExitStack() as stack:
 
         async def start(**overrides: Any) -> BillingUnderTest:
-            settings = isolation.settings(BillingSettings, "billing", **overrides)
+            values: dict[str, Any] = {"jwt_secret": JWT_SECRET, **overrides}
+            settings = isolation.settings(BillingSettings, "billing", **values)
             # bound before anything is published: credits are routable and observed
             tap = await EventTap.open(amqp, isolation.naming, [CreditsGranted.event_type])
             runtime, app = build(settings)

@@ -23,6 +23,8 @@ from shared.lease import Lease
 from shared.outbox import LEASES
 from shared.topology import RetryPolicy
 from tests.integration.billing.conftest import (
+    ADMIN,
+    JWT_SECRET,
     REFERRAL_ON,
     StartBilling,
     accepted,
@@ -54,6 +56,7 @@ async def test_the_service_runs_as_its_own_process_and_stops_cleanly_on_sigterm(
         GRANTWIRE_HTTP_PORT=str(port),
         GRANTWIRE_SHUTDOWN_GRACE_S="6",
         GRANTWIRE_LOG_JSON="true",
+        GRANTWIRE_JWT_SECRET=JWT_SECRET,
         **REFERRAL_ENV,
     )
     isolation.track(GRANTS_QUEUE, RetryPolicy())  # the process's default retry tiers
@@ -63,7 +66,7 @@ async def test_the_service_runs_as_its_own_process_and_stops_cleanly_on_sigterm(
         sys.executable, "-m", "services.billing", env=env, stdout=log_file, stderr=log_file
     )
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=ADMIN) as http:
 
             async def ready() -> bool:
                 try:

@@ -83,6 +83,14 @@ async def test_service_runs_as_its_own_process_serves_its_api_and_exits_0_on_sig
                 await tap.wait_for(lambda msgs: len(msgs) == 1, timeout=15)
                 verify = await http.get(f"/invitations/verify/{token}")
                 assert verify.json()["reason"] == "accepted"
+                # Over uvicorn: a body above GRANTWIRE_MAX_HTTP_BODY_BYTES (64 KiB) is 413.
+                too_big = await http.post(
+                    "/invitations",
+                    json={"email": "x@example.com", "pad": "x" * 65536},
+                    headers=bearer("alice"),
+                )
+                assert too_big.status_code == 413, too_big.text
+                assert too_big.json()["error"] == "payload_too_large"
 
             process.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(process.wait, 15)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from services.billing import __main__ as entrypoint
 from services.billing.domain import ReferralConfig
 from services.billing.settings import BillingSettings
 
@@ -42,3 +43,17 @@ def test_negative_units_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRANTWIRE_SIGNUP_GRANT_UNITS", '{"free": -5}')
     with pytest.raises(ValidationError):
         BillingSettings()
+
+
+def test_the_service_refuses_to_start_without_a_jwt_key_but_jobs_need_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("GRANTWIRE_JWT_SECRET", raising=False)
+    monkeypatch.delenv("GRANTWIRE_JWT_PUBLIC_KEY", raising=False)
+    monkeypatch.setattr(entrypoint, "configure_logging", lambda *args, **kwargs: None)
+    settings = BillingSettings()  # what the jobs build: valid without a key
+    assert not settings.jwt_configured() and settings.admin_role == "admin"
+    with pytest.raises(SystemExit, match="billing: set GRANTWIRE_JWT_SECRET"):
+        entrypoint.main()
+    monkeypatch.setenv("GRANTWIRE_JWT_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----...")
+    assert BillingSettings().jwt_configured()

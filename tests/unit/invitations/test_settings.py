@@ -9,9 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from services.invitations import __main__ as entrypoint
-from services.invitations.auth import AuthError, TokenVerifier
 from services.invitations.mailer import LogMailer, SmtpMailer, build_mailer
 from services.invitations.settings import InvitationsSettings
+from shared.auth import AuthError, TokenVerifier
 
 
 def test_defaults_follow_the_domain() -> None:

@@ -1,4 +1,4 @@
-"""Bearer JWT verification: HS256 and RS256, required claims, refused algorithms."""
+"""Bearer JWT verification (shared.auth): HS256 and RS256, required claims, refused algorithms."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.invitations.auth import AuthError, Principal, TokenVerifier
-from services.invitations.settings import InvitationsSettings
+from shared.auth import AuthError, JwtSettings, Principal, TokenVerifier, require_jwt_key
 
 SECRET = "unit-test-secret-of-at-least-32-bytes!"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -36,7 +35,7 @@ def claims(**changes: Any) -> dict[str, Any]:
 def verifier(**settings: Any) -> TokenVerifier:
     values: dict[str, Any] = {"jwt_secret": SECRET, "jwt_leeway_s": 0}
     values.update(settings)
-    return TokenVerifier.from_settings(InvitationsSettings(**values))
+    return TokenVerifier.from_settings(JwtSettings(**values))
 
 
 def test_hs256_token_gives_the_caller() -> None:
@@ -87,3 +86,29 @@ def test_audience_and_issuer_are_checked_when_configured() -> None:
     for bad in (claims(aud="other", iss="https://id.example.com"), claims(aud="grantwire")):
         with pytest.raises(AuthError):
             strict.verify(jwt.encode(bad, SECRET, algorithm="HS256"))
+
+
+def test_without_a_key_every_token_is_refused_and_a_service_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("GRANTWIRE_JWT_SECRET", raising=False)
+    monkeypatch.delenv("GRANTWIRE_JWT_PUBLIC_KEY", raising=False)
+    settings = JwtSettings()
+    assert not settings.jwt_configured()
+    with pytest.raises(AuthError):
+        TokenVerifier.from_settings(settings).verify(
+            jwt.encode(claims(), SECRET, algorithm="HS256")
+        )
+    with pytest.raises(SystemExit, match="billing: set GRANTWIRE_JWT_SECRET"):
+        require_jwt_key("billing", settings)
+    require_jwt_key("billing", JwtSettings(jwt_secret=SECRET))  # configured: no exit
+
+
+def test_settings_come_from_the_grantwire_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRANTWIRE_JWT_SECRET", SECRET)
+    monkeypatch.setenv("GRANTWIRE_JWT_AUDIENCE", "grantwire")
+    monkeypatch.setenv("GRANTWIRE_ADMIN_ROLE", "operator")
+    settings = JwtSettings()
+    assert settings.jwt_configured() and settings.jwt_audience == "grantwire"
+    assert settings.admin_role == "operator"
+    assert Principal("u", "u@example.com", frozenset({"operator"})).has_role(settings.admin_role)
