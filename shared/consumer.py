@@ -26,7 +26,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import ValidationError
 
-from shared import metrics
+from shared import metrics, tracing
 from shared.contracts import Event, major_version, model_for
 from shared.envelope import Envelope, EnvelopeError
 from shared.publisher import ConfirmingPublisher
@@ -118,12 +118,20 @@ class Consumer:
         )
         self._channel = channel
         self._consumer_tag = await queue.consume(self._on_message)
+        metrics.CONSUMER_UP.labels(self._service, self.queue_name).set(1)
+
+    @property
+    def consuming(self) -> bool:
+        """True while the consumer is registered on an open channel."""
+        channel = self._channel
+        return channel is not None and not channel.is_closed and self._consumer_tag is not None
 
     async def stop(self, timeout_s: float = 20.0) -> None:
         """Stop taking messages, let in-flight ones finish, close the channel."""
         channel = self._channel
         if channel is None:
             return
+        metrics.CONSUMER_UP.labels(self._service, self.queue_name).set(0)
         if self._consumer_tag is not None:
             with contextlib.suppress(Exception):
                 queue = await channel.get_queue(self.queue_name, ensure=False)
@@ -145,30 +153,57 @@ class Consumer:
                 self._in_flight.discard(task)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        """Handle one message and settle it; one log line and one span per message."""
         started = time.perf_counter()
         event_type = message.type or "unknown"
-        log = self._log.bind(event_id=message.message_id, event_type=event_type)
-        try:
-            envelope, event, handler = self._decode(message)
-            event_type = envelope.type
-            log = log.bind(correlation_id=envelope.correlation_id)
-            async with asyncio.timeout(self._settings.handler_timeout_s):
-                await handler(event, envelope)
-        except PermanentError as exc:
-            log.warning("dead-lettering poison message", reason=exc.reason, error=str(exc))
-            await self._dead_letter(message, reason=exc.reason, error=exc)
-            outcome = "dead_lettered"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            outcome = await self._retry_or_dead_letter(message, exc, log)
-        else:
-            await message.ack()
-            outcome = "handled"
-            log.info("message handled", duration_ms=round((time.perf_counter() - started) * 1e3, 2))
+        detail: dict[str, Any] = {}
+        error: BaseException | None = None
+        with tracing.consuming(
+            message.headers,
+            service=self._service,
+            queue=self.queue_name,
+            event_type=event_type,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+        ) as span:
+            log = self._log.bind(
+                event_id=message.message_id,
+                event_type=event_type,
+                correlation_id=message.correlation_id,
+                **tracing.log_ids(span),
+            )
+            try:
+                envelope, event, handler = self._decode(message)
+                event_type = envelope.type
+                log = log.bind(correlation_id=envelope.correlation_id)
+                self._observe_age(envelope)
+                async with asyncio.timeout(self._settings.handler_timeout_s):
+                    await handler(event, envelope)
+            except PermanentError as exc:
+                error = exc
+                detail = {"reason": exc.reason, "error": str(exc)}
+                outcome = await self._dead_letter(message, reason=exc.reason, error=exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc
+                outcome, detail = await self._retry_or_dead_letter(message, exc)
+            else:
+                await message.ack()
+                outcome = "handled"
+            duration = time.perf_counter() - started
+            tracing.settle(span, outcome, error)
+        level = {"handled": "info", "retried": "warning"}.get(outcome, "error")
+        getattr(log, level)(
+            "message handled", outcome=outcome, duration_ms=round(duration * 1e3, 2), **detail
+        )
         metrics.MESSAGES.labels(self._service, self.queue_name, event_type, outcome).inc()
-        metrics.HANDLER_SECONDS.labels(self._service, self.queue_name, event_type).observe(
-            time.perf_counter() - started
+        metrics.HANDLER_SECONDS.labels(self._service, self.queue_name, event_type).observe(duration)
+
+    def _observe_age(self, envelope: Envelope) -> None:
+        age = (datetime.now(UTC) - envelope.time).total_seconds()
+        metrics.MESSAGE_AGE.labels(self._service, self.queue_name, envelope.type).observe(
+            max(0.0, age)
         )
 
     def _decode(self, message: AbstractIncomingMessage) -> tuple[Envelope, Event, Handler]:
@@ -218,16 +253,18 @@ class Consumer:
         return envelope, event, handler
 
     async def _retry_or_dead_letter(
-        self, message: AbstractIncomingMessage, exc: Exception, log: Any
-    ) -> str:
+        self, message: AbstractIncomingMessage, exc: Exception
+    ) -> tuple[str, dict[str, Any]]:
+        """Park a transiently failed message in a delay tier, or dead-letter it; (outcome, log)."""
         attempts = _int_header(message, H_ATTEMPTS) + 1
         retry = self._settings.retry
+        detail: dict[str, Any] = {"attempts": attempts, "error": repr(exc)}
         if attempts >= retry.max_attempts:
-            log.error("dead-lettering after retries", attempts=attempts, error=repr(exc))
-            await self._dead_letter(message, reason="retries_exhausted", error=exc)
-            return "dead_lettered"
+            detail["reason"] = "retries_exhausted"
+            outcome = await self._dead_letter(message, reason="retries_exhausted", error=exc)
+            return outcome, detail
         tier = retry.delay_tier(attempts)
-        log.warning("transient failure, retrying", attempts=attempts, tier=tier, error=repr(exc))
+        detail["tier"] = tier
         failure = self._failure_headers(message, exc, attempts, reason="transient")
         try:
             await self._publisher.publish_message(
@@ -237,15 +274,16 @@ class Consumer:
             )
         except Exception as publish_exc:
             # Could not park it: let the broker redeliver (its delivery limit still applies).
-            log.error("retry publish failed; requeueing", error=repr(publish_exc))
+            detail["publish_error"] = repr(publish_exc)
             await message.nack(requeue=True)
-            return "requeued"
+            return "requeued", detail
         await message.ack()
-        return "retried"
+        return "retried", detail
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, *, reason: str, error: BaseException
-    ) -> None:
+    ) -> str:
+        """Publish the message to the dead-letter queue with failure headers; the outcome."""
         attempts = _int_header(message, H_ATTEMPTS) + 1
         headers = self._failure_headers(message, error, attempts, reason=reason)
         try:
@@ -255,10 +293,17 @@ class Consumer:
                 routing_key=self._work_queue.dlq_name(self._naming),
             )
         except Exception as publish_exc:
-            self._log.error("dead-letter publish failed; requeueing", error=repr(publish_exc))
+            self._log.error(
+                "dead-letter publish failed; requeueing",
+                event_id=message.message_id,
+                event_type=message.type,
+                correlation_id=message.correlation_id,
+                error=repr(publish_exc),
+            )
             await message.nack(requeue=True)
-            return
+            return "requeued"
         await message.ack()
+        return "dead_lettered"
 
     def _failure_headers(
         self, message: AbstractIncomingMessage, error: BaseException, attempts: int, reason: str

@@ -23,6 +23,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from shared import metrics
 from shared.consumer import (
     H_ATTEMPTS,
     H_ERROR_MESSAGE,
@@ -182,6 +183,9 @@ class DeadLetterKeeper:
             return
         await message.ack()
         self.kept += 1
+        metrics.DEAD_LETTERS_ARCHIVED.labels(
+            self._service, doc["work_queue"] or doc["queue"], doc["event_type"], doc["reason"]
+        ).inc()
         log.warning(
             "dead letter archived",
             event_id=doc["message_id"],

@@ -2,16 +2,19 @@
 
 The body is the event's data as JSON; the attributes travel as AMQP properties and
 ``cloudEvents:``-prefixed headers. The event id is the AMQP ``message_id`` and never
-changes on relay, retry or replay.
+changes on relay, retry or replay. Two more headers ride along: the W3C trace context
+(``traceparent``, see ``shared.tracing``) and ``x-grantwire-origin-time``, the time of the
+first event of a causation chain (how long a chain took, e.g. signup to credit).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from shared import tracing
 from shared.contracts import Event
 
 SPEC_VERSION = "1.0"
@@ -25,6 +28,7 @@ H_TIME = f"{CE_PREFIX}time"
 H_SCHEMA_VERSION = f"{CE_PREFIX}schemaversion"
 H_CORRELATION_ID = f"{CE_PREFIX}correlationid"
 H_CAUSATION_ID = f"{CE_PREFIX}causationid"
+H_ORIGIN_TIME = "x-grantwire-origin-time"
 
 
 class EnvelopeError(ValueError):
@@ -55,7 +59,10 @@ class Envelope:
         causation_id: str | None = None,
         event_id: str | None = None,
     ) -> Envelope:
-        """Wrap an event; a new chain gets its own id as correlation id."""
+        """Wrap an event; a new chain gets its own id as correlation id.
+
+        The envelope carries the current trace context (when there is one).
+        """
         event_id = event_id or str(uuid.uuid4())
         return cls(
             id=event_id,
@@ -66,13 +73,25 @@ class Envelope:
             correlation_id=correlation_id or event_id,
             causation_id=causation_id,
             body=event.model_dump_json().encode(),
+            extra_headers=tracing.trace_headers(),
         )
 
     def caused(self, event: Event, *, source: str) -> Envelope:
-        """An envelope for an event caused by this one (same correlation id)."""
-        return Envelope.new(
+        """An envelope for an event caused by this one (same correlation id, origin time)."""
+        envelope = Envelope.new(
             event, source=source, correlation_id=self.correlation_id, causation_id=self.id
         )
+        origin = {H_ORIGIN_TIME: self.origin_time().isoformat()}
+        return replace(envelope, extra_headers={**envelope.extra_headers, **origin})
+
+    def origin_time(self) -> datetime:
+        """When the first event of this causation chain happened (this one's time if unknown)."""
+        text = _text(self.extra_headers.get(H_ORIGIN_TIME))
+        try:
+            origin = datetime.fromisoformat(text) if text else self.time
+        except ValueError:
+            origin = self.time
+        return origin if origin.tzinfo else origin.replace(tzinfo=UTC)
 
     def headers(self) -> dict[str, Any]:
         """The AMQP headers of this envelope (CloudEvents attributes first)."""

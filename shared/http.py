@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.runtime import ServiceRuntime
 from shared.settings import ServiceSettings
+from shared.tracing import configure_tracing
 
 
 class ApiError(Exception):
@@ -30,7 +31,11 @@ class ApiError(Exception):
 
 
 def ops_router(runtime: ServiceRuntime) -> APIRouter:
-    """``/healthz`` (alive), ``/readyz`` (dependencies), ``/metrics`` (Prometheus)."""
+    """``/healthz`` (alive), ``/readyz`` (dependencies, and why not), ``/metrics`` (Prometheus).
+
+    The runtime path is aio-pika, not FastStream subscribers, so FastStream's Prometheus
+    middleware does not apply: ``shared.metrics`` counts what it would, and more.
+    """
     router = APIRouter(tags=["operations"])
 
     @router.get("/healthz")
@@ -40,14 +45,15 @@ def ops_router(runtime: ServiceRuntime) -> APIRouter:
     @router.get("/readyz")
     async def readyz() -> JSONResponse:
         ready, checks = await runtime.readiness()
-        return JSONResponse(
-            {"status": "ready" if ready else "not_ready", "checks": checks},
-            status_code=200 if ready else 503,
-        )
+        body: dict[str, Any] = {"status": "ready" if ready else "not_ready"}
+        if not ready:
+            body["reasons"] = checks.pop("reasons", [])
+        body["checks"] = checks
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @router.get("/metrics")
     async def metrics() -> Response:
-        await runtime.readiness()  # refreshes the outbox gauges
+        await runtime.refresh_metrics()  # outbox, readiness, dead letters, the service's own
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router
@@ -77,6 +83,13 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _is_ops_request(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in OPS_PATHS
+
+
 def create_service_app(runtime: ServiceRuntime, *, title: str, **kwargs: Any) -> FastAPI:
     """A FastAPI app whose lifespan starts and stops ``runtime``, with ops routes."""
 
@@ -88,18 +101,26 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, **kwargs: Any) ->
         finally:
             await runtime.stop()
 
+    # FastAPI traces HTTP requests itself once a tracer provider exists: keep the API's
+    # requests, not the probes and scrapes, and no per-dependency spans.
+    kwargs.setdefault("telemetry", {"operation_spans": False, "exclude": _is_ops_request})
     app = FastAPI(title=title, lifespan=lifespan, **kwargs)
+    app.state.service = runtime.service
     install_error_handlers(app)
     app.include_router(ops_router(runtime))
     return app
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> None:
-    """Run the service's HTTP server; SIGTERM drains through the app's lifespan."""
+    """Run the service's HTTP server; SIGTERM drains through the app's lifespan.
+
+    Tracing is configured here, once per process, from the ``OTEL_*`` variables.
+    """
     import signal
 
     import uvicorn
 
+    configure_tracing(f"grantwire-{getattr(app.state, 'service', app.title)}")
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown; with a no-op
     # Python handler in place that re-raise does not kill us, so a drained exit is 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from bson import ObjectId
+from opentelemetry.trace import Span
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 
+from shared import metrics, tracing
 from shared.envelope import Envelope
 from shared.lease import Lease
 from shared.mongo import Document
@@ -97,6 +101,18 @@ def envelope_of(doc: Document) -> Envelope:
     )
 
 
+@dataclass(frozen=True)
+class PendingSummary:
+    """What is waiting in the outbox, and what holds up its oldest document."""
+
+    pending: int
+    oldest_age_s: float
+    oldest_event_id: str | None = None
+    oldest_event_type: str | None = None
+    oldest_attempts: int = 0
+    oldest_error: str | None = None
+
+
 class OutboxRelay:
     """Publishes a service's pending outbox documents; one active relay per service."""
 
@@ -106,6 +122,8 @@ class OutboxRelay:
         publisher: ConfirmingPublisher,
         *,
         owner: str,
+        service: str = "unknown",
+        events_exchange: str = "",
         lease_ttl: timedelta = timedelta(seconds=10),
         poll_interval_s: float = 1.0,
         batch_size: int = 200,
@@ -113,6 +131,8 @@ class OutboxRelay:
     ) -> None:
         self._db = db
         self._publisher = publisher
+        self._service = service
+        self._events_exchange = events_exchange  # for spans only: the publisher knows its exchange
         self._lease = Lease(db[LEASES], "outbox-relay", owner, lease_ttl)
         self._poll_interval_s = poll_interval_s
         self._batch_size = batch_size
@@ -159,11 +179,24 @@ class OutboxRelay:
 
     async def pending_stats(self) -> tuple[int, float]:
         """Number of pending documents and the age in seconds of the oldest."""
+        summary = await self.pending_summary()
+        return summary.pending, summary.oldest_age_s
+
+    async def pending_summary(self) -> PendingSummary:
+        """Pending documents, the oldest one's age, and why it is not published yet."""
         outbox = self._db[OUTBOX]
         count = await outbox.count_documents({"status": "pending"})
         oldest = await outbox.find_one({"status": "pending"}, sort=[("_id", ASCENDING)])
-        age = (datetime.now(UTC) - oldest["created_at"]).total_seconds() if oldest else 0.0
-        return count, age
+        if oldest is None:
+            return PendingSummary(count, 0.0)
+        return PendingSummary(
+            pending=count,
+            oldest_age_s=(datetime.now(UTC) - oldest["created_at"]).total_seconds(),
+            oldest_event_id=oldest["event_id"],
+            oldest_event_type=oldest["type"],
+            oldest_attempts=int(oldest.get("attempts", 0)),
+            oldest_error=oldest.get("last_error"),
+        )
 
     async def drain_once(self) -> tuple[int, int]:
         """Publish one batch; returns (published, failed)."""
@@ -185,21 +218,47 @@ class OutboxRelay:
             batch.append(doc)
         if not batch:
             return 0, 0
-        results = await self._publisher.publish_many([envelope_of(d) for d in batch])
-        sent = [d["_id"] for d, r in zip(batch, results, strict=True) if r is None]
-        if sent:
+        traced = [self._traced(envelope_of(d)) for d in batch]
+        started = time.perf_counter()
+        results = await self._publisher.publish_many([envelope for _, envelope in traced])
+        metrics.RELAY_PUBLISH_SECONDS.labels(self._service).observe(time.perf_counter() - started)
+        for (span, _), result in zip(traced, results, strict=True):
+            tracing.end_publish(span, result)
+        sent_docs = [d for d, r in zip(batch, results, strict=True) if r is None]
+        if sent_docs:
+            sent_at = datetime.now(UTC)
             await self._db[OUTBOX].update_many(
-                {"_id": {"$in": sent}},
-                {"$set": {"status": "sent", "sent_at": datetime.now(UTC)}},
+                {"_id": {"$in": [d["_id"] for d in sent_docs]}},
+                {"$set": {"status": "sent", "sent_at": sent_at}},
             )
-            self.published += len(sent)
+            self.published += len(sent_docs)
+            for doc in sent_docs:
+                metrics.OUTBOX_PUBLISHED.labels(self._service, doc["type"]).inc()
+                metrics.OUTBOX_DELAY.labels(self._service, doc["type"]).observe(
+                    max(0.0, (sent_at - doc["created_at"]).total_seconds())
+                )
         failures = [(d, r) for d, r in zip(batch, results, strict=True) if r is not None]
         for doc, error in failures:
             await self._record_failure(doc, error)
-        return len(sent), len(failures)
+        return len(sent_docs), len(failures)
+
+    def _traced(self, envelope: Envelope) -> tuple[Span, Envelope]:
+        """A PRODUCER span continuing the trace that staged the event, and its envelope."""
+        span, headers = tracing.start_publish(
+            envelope.extra_headers,
+            service=self._service,
+            exchange=self._events_exchange,
+            event_type=envelope.type,
+            message_id=envelope.id,
+            correlation_id=envelope.correlation_id,
+        )
+        return span, replace(envelope, extra_headers=headers)
 
     async def _record_failure(self, doc: Document, error: BaseException) -> None:
         self.last_error = f"{type(error).__name__}: {error}"
+        metrics.OUTBOX_PUBLISH_FAILURES.labels(
+            self._service, doc["type"], type(error).__name__
+        ).inc()
         log.warning(
             "outbox publish failed",
             event_id=doc["event_id"],

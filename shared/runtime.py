@@ -23,7 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from shared import metrics
 from shared.consumer import Consumer, Handler
-from shared.deadletters import DeadLetterKeeper, dead_letter_indexes
+from shared.deadletters import DEAD_LETTERS, DeadLetterKeeper, dead_letter_indexes
 from shared.logging import mask_url
 from shared.mongo import Document, create_client, ensure_indexes, ping, run_in_transaction
 from shared.outbox import OutboxRelay, outbox_indexes
@@ -32,6 +32,7 @@ from shared.settings import ServiceSettings
 from shared.topology import WorkQueue, declare_event_log, declare_exchanges
 
 T = TypeVar("T")
+DEAD_LETTER_STATUSES = ("dead", "replaying", "replayed", "purged")
 log = structlog.get_logger("grantwire.runtime")
 
 
@@ -63,11 +64,16 @@ class ServiceRuntime:
         self._subscriptions: list[tuple[WorkQueue, Mapping[str, Handler]]] = []
         self._consumers: list[Consumer] = []
         self._keeper: DeadLetterKeeper | None = None
+        self._scrape_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # -- wiring -----------------------------------------------------------------------
     def subscribe(self, work_queue: WorkQueue, handlers: Mapping[str, Handler]) -> None:
         """Register a work queue and its handlers (before ``start``)."""
         self._subscriptions.append((work_queue, handlers))
+
+    def on_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Run ``refresh`` before every ``/metrics`` scrape (a service's own gauges)."""
+        self._scrape_hooks.append(refresh)
 
     @property
     def work_queues(self) -> list[WorkQueue]:
@@ -129,6 +135,8 @@ class ServiceRuntime:
             self.db,
             self._publisher,
             owner=self.instance_id,
+            service=self.service,
+            events_exchange=self.naming.events_exchange,
             poll_interval_s=settings.outbox_poll_interval_s,
             max_backoff_s=settings.outbox_max_backoff_s,
         )
@@ -178,31 +186,82 @@ class ServiceRuntime:
             await self._client.close()
         log.info("stopped")
 
-    # -- health -----------------------------------------------------------------------
+    # -- health and metrics -------------------------------------------------------------
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, checks): broker connected, database reachable, outbox not stuck."""
+        """(ready, checks): broker connected, database reachable, outbox not stuck.
+
+        A failing check says why in ``checks["reasons"]``; the outbox check names the
+        oldest pending event and the error that holds it up.
+        """
         checks: dict[str, Any] = {}
+        reasons: list[str] = []
         connection = self._connection
         connected = (
             connection is not None and connection.connected.is_set() and not connection.is_closed
         )
         checks["broker"] = "ok" if connected else "down"
+        if not connected:
+            reasons.append("broker: not connected")
         try:
             await ping(self.client)
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"down: {type(exc).__name__}"
-        if checks["database"] == "ok" and self._relay is not None:
-            pending, oldest = await self._relay.pending_stats()
-            metrics.OUTBOX_PENDING.labels(self.service).set(pending)
-            metrics.OUTBOX_OLDEST_AGE.labels(self.service).set(oldest)
-            stuck = oldest > self.settings.outbox_stuck_after_s
-            checks["outbox"] = {
-                "status": "stuck" if stuck else "ok",
-                "pending": pending,
-                "oldest_pending_s": round(oldest, 3),
-                "last_error": self._relay.last_error,
-            }
-        ready = checks["broker"] == "ok" and checks["database"] == "ok"
-        ready = ready and checks.get("outbox", {}).get("status") == "ok"
+            reasons.append(f"database: {type(exc).__name__}: {exc}"[:300])
+        if self._relay is None:
+            reasons.append("outbox: relay not started")
+        elif checks["database"] == "ok":
+            checks["outbox"] = await self._outbox_check(reasons)
+        ready = not reasons
+        for consumer in self._consumers:
+            up = 1 if connected and consumer.consuming else 0
+            metrics.CONSUMER_UP.labels(self.service, consumer.queue_name).set(up)
+        metrics.READY.labels(self.service).set(1 if ready else 0)
+        if reasons:
+            checks["reasons"] = reasons
         return ready, checks
+
+    async def _outbox_check(self, reasons: list[str]) -> dict[str, Any]:
+        summary = await self.relay.pending_summary()
+        metrics.OUTBOX_PENDING.labels(self.service).set(summary.pending)
+        metrics.OUTBOX_OLDEST_AGE.labels(self.service).set(summary.oldest_age_s)
+        threshold = self.settings.outbox_stuck_after_s
+        stuck = summary.oldest_age_s > threshold
+        check: dict[str, Any] = {
+            "status": "stuck" if stuck else "ok",
+            "pending": summary.pending,
+            "oldest_pending_s": round(summary.oldest_age_s, 3),
+            "stuck_after_s": threshold,
+            "last_error": self.relay.last_error,
+        }
+        if summary.oldest_event_id is not None:
+            check["oldest"] = {
+                "event_id": summary.oldest_event_id,
+                "event_type": summary.oldest_event_type,
+                "attempts": summary.oldest_attempts,
+                "error": summary.oldest_error,
+            }
+        if stuck:
+            cause = summary.oldest_error or self.relay.last_error or "the relay has not run"
+            reasons.append(
+                f"outbox: {summary.pending} pending, the oldest ({summary.oldest_event_type} "
+                f"{summary.oldest_event_id}) waits {summary.oldest_age_s:.1f} s > {threshold:g} s;"
+                f" last error: {cause}"
+            )
+        return check
+
+    async def refresh_metrics(self) -> None:
+        """Refresh the gauges before a scrape: readiness, outbox, dead letters, the service's."""
+        await self.readiness()
+        hooks = [self._count_dead_letters] if self._keeper is not None else []
+        for refresh in [*hooks, *self._scrape_hooks]:
+            try:
+                await refresh()
+            except Exception as exc:  # a scrape still answers; the gauges keep their values
+                log.warning("metrics refresh failed", error=repr(exc))
+
+    async def _count_dead_letters(self) -> None:
+        letters = self.db[DEAD_LETTERS]
+        for status in DEAD_LETTER_STATUSES:
+            count = await letters.count_documents({"status": status})
+            metrics.DEAD_LETTERS_STORED.labels(self.service, status).set(count)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.billing import repository
+from services.billing import jobs, repository
 from services.billing.api import billing_router
 from services.billing.handlers import SERVICE, Billing
 from services.billing.settings import BillingSettings
@@ -41,6 +41,7 @@ def build(settings: BillingSettings) -> tuple[ServiceRuntime, FastAPI]:
     )
     billing = Billing(runtime, settings)
     runtime.subscribe(GRANTS_QUEUE, billing.listeners())
+    runtime.on_scrape(lambda: jobs.show_job_runs(runtime.db))  # grantwire_job_* gauges
     app = create_service_app(runtime, title="Grantwire billing")
     verifier = TokenVerifier.from_settings(settings)  # no key: every token refused (fail closed)
     app.include_router(billing_router(billing, verifier, admin_role=settings.admin_role))

@@ -17,6 +17,7 @@ from typing import Literal, Protocol, TypeVar
 
 import structlog
 from bson import ObjectId
+from prometheus_client import Counter, Histogram
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
@@ -56,6 +57,18 @@ Clock = Callable[[], datetime]
 SignupOutcome = Literal["applied", "duplicate_grant", "no_signup_grant"]
 log = structlog.get_logger("grantwire.billing")
 
+GRANTS = Counter(
+    "grantwire_grants_total",
+    "Grants by outcome: applied, or duplicate (already granted: projection or ledger key).",
+    ["side", "source", "outcome"],
+)
+CREDIT_LATENCY = Histogram(
+    "grantwire_credit_latency_seconds",
+    "Time from the first event of a causation chain (e.g. the signup) to its grant committed.",
+    ["side", "source"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400),
+)
+
 
 class BillingDatabase(Protocol):
     """What the use cases need: billing's database and a transaction runner.
@@ -68,6 +81,18 @@ class BillingDatabase(Protocol):
     def db(self) -> AsyncDatabase[Document]: ...
 
     async def commit(self, work: Callable[[AsyncClientSession], Awaitable[T]]) -> T: ...
+
+
+def count_grant(side: str, source: str, outcome: str) -> None:
+    """Count a listener's applied or duplicate grant (a side decided otherwise is no grant).
+
+    Listeners count, not the use cases: a duplicate is an event granting again what was
+    granted, not the partner side a referral re-evaluation reports as granted already.
+    """
+    if outcome == "applied":
+        GRANTS.labels(side, source, "applied").inc()
+    elif outcome == "duplicate_grant":
+        GRANTS.labels(side, source, "duplicate").inc()
 
 
 def utcnow() -> datetime:
@@ -130,6 +155,8 @@ class Billing:
         result = await self.grant_for_invitation(
             event.invitation_id, event.invited_by, event.accepted_user_id, cause=envelope
         )
+        for side in result.sides:
+            count_grant(side.side, "referral", side.outcome)
         log.info(
             "referral grant",
             invitation_id=event.invitation_id,
@@ -142,6 +169,9 @@ class Billing:
         results = await self.grant_for_provisioned(
             event.user_id, event.organization_id, provisioned_at=envelope.time, cause=envelope
         )
+        for side in (s for r in results for s in r.sides):
+            if side.organization_id == event.organization_id:  # this user's own side
+                count_grant(side.side, "referral", side.outcome)
         log.info(
             "organization provisioned",
             user_id=event.user_id,
@@ -153,6 +183,7 @@ class Billing:
     async def on_organization_created(self, event: Event, envelope: Envelope) -> None:
         assert isinstance(event, OrganizationCreated)
         outcome = await self.grant_signup(event.organization_id, event.plan_id, cause=envelope)
+        count_grant("none", "signup_grant", outcome)
         log.info(
             "signup grant",
             organization_id=event.organization_id,
@@ -277,6 +308,9 @@ class Billing:
             if not _is_ref_id_conflict(exc):
                 raise
             return False
+        if cause is not None:
+            waited = (utcnow() - cause.origin_time()).total_seconds()
+            CREDIT_LATENCY.labels(grant.side or "none", grant.source).observe(max(0.0, waited))
         return True
 
     # -- expiry ----------------------------------------------------------------------

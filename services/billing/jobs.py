@@ -5,6 +5,11 @@ runs one (a Kubernetes CronJob runs the same command), prints the report as one 
 on stdout and exits with ``report.exit_code``; logs go to stderr. Jobs need only MongoDB:
 the events they stage (``billing.credits_granted``) are published by the billing service's
 outbox relay, which wakes on the insert.
+
+A job is a short process Prometheus cannot scrape, so ``run_reported`` records each run's
+result in billing's ``job_runs`` collection, which the billing service exposes on its
+``/metrics`` (``grantwire_job_*{job_name}``), and pushes the same gauges to a Pushgateway
+when ``GRANTWIRE_PUSHGATEWAY_URL`` is set.
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 from bson import ObjectId
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, pushadd_to_gateway
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
 
 from services.billing.domain import GrantResult, Referral, users_to_resolve
 from services.billing.handlers import SERVICE, Billing, Clock, utcnow
 from services.billing.repository import INDEXES
 from services.billing.settings import BillingSettings
+from shared import tracing
 from shared.lease import Lease
 from shared.logging import configure_logging
 from shared.mongo import Document, create_client, ensure_indexes, run_in_transaction
@@ -378,5 +388,175 @@ def run(name: str) -> JobReport:
     """Run job ``name`` configured from the environment (the `grantwire` commands)."""
     settings = BillingSettings()
     configure_logging(f"{SERVICE}-{name}", settings.log_level, settings.log_json)
+    tracing.configure_tracing(f"grantwire-{SERVICE}-{name}")
     with terminal_progress(f"billing {name}") as progress:
-        return asyncio.run(JOBS[name](settings, progress=progress))
+        return asyncio.run(run_reported(name, settings, progress=progress))
+
+
+# -- job results for Prometheus -------------------------------------------------------
+JOB_RUNS = "job_runs"
+PUSH_JOB = "grantwire-billing-jobs"
+
+
+class JobReporting(BaseSettings):
+    """Where job results go besides MongoDB (``GRANTWIRE_PUSHGATEWAY_URL``; empty: nowhere)."""
+
+    model_config = SettingsConfigDict(env_prefix="GRANTWIRE_", extra="ignore")
+    pushgateway_url: str = ""
+
+
+class JobGauges:
+    """The last run of each job as gauges. The label is ``job_name``: ``job`` is Prometheus'
+    own target label (and the Pushgateway's grouping key), which would rename ours."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        label = ["job_name"]
+        self.last_run = Gauge(
+            "grantwire_job_last_run_timestamp_seconds",
+            "When the job last finished (any outcome), Unix time.",
+            label,
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "grantwire_job_last_success_timestamp_seconds",
+            "When the job last finished with exit code 0 and did its work, Unix time.",
+            label,
+            registry=registry,
+        )
+        self.last_errors = Gauge(
+            "grantwire_job_last_errors",
+            "Errors (audit: findings) of the job's last run.",
+            label,
+            registry=registry,
+        )
+        self.last_exit_code = Gauge(
+            "grantwire_job_last_exit_code",
+            "Exit code of the job's last run (a crash counts as 1).",
+            label,
+            registry=registry,
+        )
+        self.last_duration = Gauge(
+            "grantwire_job_last_duration_seconds",
+            "How long the job's last run took.",
+            label,
+            registry=registry,
+        )
+        self.last_report = Gauge(
+            "grantwire_job_last_report",
+            "Numeric fields of the job's last report (backfilled, pending, expired, ...).",
+            ["job_name", "field"],
+            registry=registry,
+        )
+
+    def show(self, run: Document) -> None:
+        name = str(run["_id"])
+        self.last_run.labels(name).set(run["last_run_at"].timestamp())
+        if run.get("last_success_at") is not None:
+            self.last_success.labels(name).set(run["last_success_at"].timestamp())
+        self.last_errors.labels(name).set(run["last_errors"])
+        self.last_exit_code.labels(name).set(run["last_exit_code"])
+        self.last_duration.labels(name).set(run["last_duration_s"])
+        for key, value in (run.get("last_report") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.last_report.labels(name, key).set(value)
+
+
+EXPOSED = JobGauges(REGISTRY)  # billing's /metrics, refreshed from job_runs on each scrape
+
+
+async def show_job_runs(db: AsyncDatabase[Document]) -> None:
+    """Refresh billing's ``grantwire_job_*`` gauges from the recorded runs."""
+    async for run in db[JOB_RUNS].find():
+        EXPOSED.show(run)
+
+
+def error_count(report: JobReport) -> int:
+    """Errors of a run as one number (audit: its findings; preseed: 1 when refused)."""
+    if isinstance(report, AuditReport):
+        return sum(report.finding_counts.values())
+    errors = getattr(report, "errors", None)
+    if isinstance(errors, int):
+        return errors
+    return 0 if report.exit_code == 0 else 1
+
+
+async def run_reported(
+    name: str,
+    settings: BillingSettings,
+    *,
+    progress: ProgressHook | None = None,
+    pushgateway_url: str | None = None,
+) -> JobReport:
+    """Run job ``name`` in a trace span, then record its result (a crash is recorded too)."""
+    started_at = utcnow()
+    with tracing.tracer().start_as_current_span(f"billing {name}"):
+        try:
+            report = await JOBS[name](settings, progress=progress)
+        except Exception as exc:
+            await record_run(settings, name, None, started_at, pushgateway_url, crash=exc)
+            raise
+    await record_run(settings, name, report, started_at, pushgateway_url)
+    return report
+
+
+async def record_run(
+    settings: BillingSettings,
+    name: str,
+    report: JobReport | None,
+    started_at: datetime,
+    pushgateway_url: str | None = None,
+    *,
+    crash: BaseException | None = None,
+) -> Document:
+    """Upsert the run into ``job_runs`` and push it; a failure to record is logged only."""
+    finished_at = utcnow()
+    succeeded = report is not None and report.exit_code == 0 and report.status != "lock_held"
+    fields: Document = {
+        "last_run_at": finished_at,
+        "last_started_at": started_at,
+        "last_status": report.status if report is not None else "crashed",
+        "last_exit_code": report.exit_code if report is not None else 1,
+        "last_errors": error_count(report) if report is not None else 1,
+        "last_duration_s": (finished_at - started_at).total_seconds(),
+        "last_report": report.as_dict() if report is not None else {},
+        "last_error": None if crash is None else f"{type(crash).__name__}: {crash}"[:1000],
+    }
+    if succeeded:
+        fields["last_success_at"] = finished_at
+    run: Document = {"_id": name, **fields}
+    try:
+        database = JobDatabase(settings)
+        try:
+            stored = await database.db[JOB_RUNS].find_one_and_update(
+                {"_id": name},
+                {"$set": fields},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+            run = stored or run
+        finally:
+            await database.close()
+    except Exception as exc:
+        log.warning("could not record the job run", job_name=name, error=repr(exc))
+    url = JobReporting().pushgateway_url if pushgateway_url is None else pushgateway_url
+    if url:
+        await _push(url, run)
+    return run
+
+
+async def _push(url: str, run: Document) -> None:
+    registry = CollectorRegistry()
+    JobGauges(registry).show(run)
+    grouping = {"job_name": str(run["_id"])}
+    try:
+        # pushadd: a failed run leaves the group's last success timestamp in place
+        await asyncio.to_thread(
+            pushadd_to_gateway,
+            url,
+            job=PUSH_JOB,
+            grouping_key=grouping,
+            registry=registry,
+            timeout=10,
+        )
+    except Exception as exc:
+        log.warning("could not push the job run", job_name=run["_id"], error=repr(exc))
