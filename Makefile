@@ -29,6 +29,7 @@ infra-down:
 # Validate what cannot run here (no Docker engine): manifests, Dockerfile, compose, broker permissions.
 validate-deploy:
 	bash deploy/validate.sh
+	bash deploy/observability/validate.sh
 
 # The main job: the whole referral story on three real service processes.
 demo: install infra-up

@@ -113,6 +113,13 @@ def build_document(runtimes: dict[str, ServiceRuntime]) -> dict[str, Any]:
             "cloudEvents:schemaversion": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+$"},
             "cloudEvents:correlationid": {"type": "string"},
             "cloudEvents:causationid": {"type": "string"},
+            "traceparent": {"type": "string", "description": "W3C trace context"},
+            "tracestate": {"type": "string", "description": "W3C trace context"},
+            "x-grantwire-origin-time": {
+                "type": "string",
+                "format": "date-time",
+                "description": "time of the first event of the chain (credit latency)",
+            },
         },
     }
     schemas["CloudEventsHeaders"] = headers_schema
