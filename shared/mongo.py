@@ -24,11 +24,16 @@ T = TypeVar("T")
 
 
 def create_client(
-    url: str, *, app_name: str, timeout_ms: int = 10_000
+    url: str,
+    *,
+    app_name: str,
+    timeout_ms: int = 10_000,
+    tls_options: Mapping[str, Any] | None = None,
 ) -> AsyncMongoClient[Document]:
     """The process's one client: majority writes, retryable writes, aware datetimes."""
     return AsyncMongoClient(
         url,
+        **dict(tls_options or {}),
         appname=app_name,
         w="majority",
         retryWrites=True,

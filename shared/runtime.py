@@ -116,12 +116,17 @@ class ServiceRuntime:
             mongo=mask_url(settings.mongo_url.get_secret_value()),
             database=settings.mongo_db,
         )
-        self._client = create_client(settings.mongo_url.get_secret_value(), app_name=self.service)
+        self._client = create_client(
+            settings.mongo_url.get_secret_value(),
+            app_name=self.service,
+            tls_options=settings.mongo_tls_options(),
+        )
         await ensure_indexes(self.db, self._indexes)
         self._connection = await aio_pika.connect_robust(
             settings.amqp_url.get_secret_value(),
             client_properties={"connection_name": f"{self.service}:{self.instance_id}"},
             reconnect_interval=settings.amqp_reconnect_interval_s,
+            ssl_context=settings.amqp_ssl_context(),
         )
         setup = await self._connection.channel()
         await declare_exchanges(setup, self.naming)

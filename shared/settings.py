@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from datetime import timedelta
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +42,36 @@ class ServiceSettings(BaseSettings):
     event_log_enabled: bool = True
     event_log_max_age: str = "7D"
     dead_letter_purged_retention_days: float = 30.0
+
+    # TLS. `amqps://` URLs use TLS with the system CAs; these add a private CA and a client
+    # certificate. MongoDB: `mongo_tls` true/false overrides the URL (`?tls=true` works too).
+    amqp_tls_ca_file: str | None = None
+    amqp_tls_cert_file: str | None = None
+    amqp_tls_key_file: str | None = None
+    mongo_tls: bool | None = None
+    mongo_tls_ca_file: str | None = None
+    mongo_tls_cert_key_file: str | None = None
+
+    def amqp_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the broker connection; None for plain `amqp://`."""
+        uses_tls = self.amqp_url.get_secret_value().startswith("amqps://")
+        if not uses_tls and not (self.amqp_tls_ca_file or self.amqp_tls_cert_file):
+            return None
+        context = ssl.create_default_context(cafile=self.amqp_tls_ca_file)
+        if self.amqp_tls_cert_file:
+            context.load_cert_chain(self.amqp_tls_cert_file, self.amqp_tls_key_file)
+        return context
+
+    def mongo_tls_options(self) -> dict[str, Any]:
+        """Extra `AsyncMongoClient` options for TLS (empty: as the URL says)."""
+        options: dict[str, Any] = {}
+        if self.mongo_tls is not None:
+            options["tls"] = self.mongo_tls
+        if self.mongo_tls_ca_file:
+            options["tlsCAFile"] = self.mongo_tls_ca_file
+        if self.mongo_tls_cert_key_file:
+            options["tlsCertificateKeyFile"] = self.mongo_tls_cert_key_file
+        return options
 
     def naming(self) -> Naming:
         return Naming(self.namespace)
