@@ -138,6 +138,9 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._max_backoff_s = max_backoff_s
         self._wake = asyncio.Event()
+        # One batch at a time: stop()'s final flush must not re-read documents the relay
+        # task is publishing right now (that would publish them twice).
+        self._drain_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.published = 0
@@ -200,6 +203,10 @@ class OutboxRelay:
 
     async def drain_once(self) -> tuple[int, int]:
         """Publish one batch; returns (published, failed)."""
+        async with self._drain_lock:
+            return await self._drain_batch()
+
+    async def _drain_batch(self) -> tuple[int, int]:
         now = datetime.now(UTC)
         docs = await (
             self._db[OUTBOX]
