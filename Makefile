@@ -72,3 +72,10 @@ fmt: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Reliability scenarios (tests/reliability, README "Reliability"): crashes, broker and
+# database outages, duplicate and out-of-order storms, hostile input, on real processes;
+# each prints one summary line (repeated at the end). CI runs it; under 15 minutes.
+.PHONY: chaos
+chaos: install infra-up
+	GRANTWIRE_CHAOS=1 $(BIN)/pytest -q tests/reliability

@@ -110,3 +110,23 @@ def audit() -> None:
 def preseed() -> None:
     """Billing, before the first enable: close open referral sides so old ones stay uncredited."""
     _billing_job("preseed")
+
+
+_DATABASE_PREFIX = typer.Option(
+    "grantwire", "--database-prefix", help="the services' databases are <prefix>_<service>"
+)
+_ALLOWED_POISON = typer.Option(
+    [], "--allow-dead-letter-reason", help="dead letters with this reason are expected poison"
+)
+
+
+@app.command()
+def invariants(
+    database_prefix: str = _DATABASE_PREFIX,
+    allow_dead_letter_reason: list[str] = _ALLOWED_POISON,
+) -> None:
+    """System audit across the three databases: billing's audit, every referral key exactly
+    once, signup grants, outboxes drained, dead letters accounted for; exit 1 on any violation."""
+    from grantwire import invariants as system
+
+    raise typer.Exit(system.main(database_prefix, allow_dead_letter_reason))
