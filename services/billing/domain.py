@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 Side = Literal["referee", "referrer"]
@@ -332,6 +332,11 @@ def signup_grant(
 
 # -- ledger pages -------------------------------------------------------------------
 _CURSOR = re.compile(r"^(?P<at>-?\d{1,16})\.(?P<id>[0-9a-f]{24})$")
+# the times a cursor may name: those a datetime can hold (past them a read would crash)
+_CURSOR_MS_RANGE = (
+    int(datetime(1, 1, 2, tzinfo=UTC).timestamp() * 1000),
+    int(datetime(9999, 12, 30, tzinfo=UTC).timestamp() * 1000),
+)
 
 
 @dataclass(frozen=True)
@@ -349,4 +354,7 @@ class LedgerCursor:
         match = _CURSOR.match(text)
         if match is None:
             raise InvalidCursorError(f"not a ledger cursor: {text!r}")
-        return cls(int(match["at"]), match["id"])
+        at_ms = int(match["at"])
+        if not _CURSOR_MS_RANGE[0] <= at_ms <= _CURSOR_MS_RANGE[1]:
+            raise InvalidCursorError(f"not a ledger cursor: {text!r} (time out of range)")
+        return cls(at_ms, match["id"])
