@@ -611,3 +611,80 @@ async def monkey(
                 "ready_after_s": round(back_after, 1),
             }
         )
+
+
+COPY_HEADER = "x-chaos-copy"
+
+
+class Copier:
+    """Publishes every event the services publish ``copies - 1`` more times, byte for byte
+    (same id, body, properties), each copy at a random moment up to ``spread_s`` later."""
+
+    def __init__(
+        self,
+        system: ChaosSystem,
+        routing_keys: Sequence[str],
+        *,
+        copies: int = 3,
+        spread_s: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        self.system = system
+        self.routing_keys = list(routing_keys)
+        self.copies = copies
+        self.spread_s = spread_s
+        self.rng = random.Random(seed)
+        self.originals = 0
+        self.sent = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._channel: Any = None
+        self._exchange: Any = None
+
+    async def start(self) -> None:
+        self._channel = await self.system.amqp.channel(publisher_confirms=True)
+        self._exchange = await self._channel.get_exchange(self.system.naming.events_exchange)
+        listen = await self.system.amqp.channel()
+        queue = await listen.declare_queue(exclusive=True, auto_delete=True)
+        for key in self.routing_keys:
+            await queue.bind(self._exchange.name, routing_key=key)
+        await queue.consume(self._on_message, no_ack=True)
+        self._listen = listen
+
+    async def _on_message(self, message: Any) -> None:
+        if COPY_HEADER in (message.headers or {}):
+            return
+        self.originals += 1
+        for n in range(1, self.copies):
+            task = asyncio.create_task(self._copy(message, n, self.rng.uniform(0, self.spread_s)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _copy(self, message: Any, n: int, delay: float) -> None:
+        import aio_pika
+
+        await asyncio.sleep(delay)
+        await self._exchange.publish(
+            aio_pika.Message(
+                message.body,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                type=message.type,
+                app_id=message.app_id,
+                content_type=message.content_type,
+                timestamp=message.timestamp,
+                headers={**(message.headers or {}), COPY_HEADER: n},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=message.routing_key or "",
+        )
+        self.sent += 1
+
+    async def flush(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+
+    async def stop(self) -> None:
+        await self.flush()
+        for channel in (self._listen, self._channel):
+            with contextlib.suppress(Exception):
+                await channel.close()
