@@ -98,10 +98,13 @@ class LocalSystem:
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     logs: Path = ROOT / ".infra" / "logs"
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    # The demo's ports (8001-8003) when free; tests pass False: any free port, so a run
+    # beside another system never binds (or reads /readyz from) the other's port.
+    default_ports: bool = True
 
     def __post_init__(self) -> None:
         for name in SERVICES:
-            port = free_port(DEFAULT_PORTS[name])
+            port = free_port(DEFAULT_PORTS[name] if self.default_ports else None)
             env = {
                 **os.environ,
                 **self.base_env,

@@ -37,7 +37,7 @@ async def system(isolation: Isolation) -> AsyncIterator[LocalSystem]:
         infra, namespace=isolation.naming.namespace, database_prefix=f"t{isolation.token}"
     )
     env.update({"GRANTWIRE_RETRY_DELAYS_S": "[0.1, 0.5]", "GRANTWIRE_SHUTDOWN_GRACE_S": "10"})
-    local = LocalSystem(env, logs=isolation_logs(isolation))
+    local = LocalSystem(env, logs=isolation_logs(isolation), default_ports=False)
     local.start()
     try:
         local.wait_ready(timeout=60)
