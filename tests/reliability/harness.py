@@ -575,7 +575,8 @@ class Driver:
                 self.revoked_lost += 1
 
     async def play_story(self, story: Story, deadline: float) -> None:
-        await self.invite(story, deadline)
+        if story.token is None:
+            await self.invite(story, deadline)
         await self.send(signup(story.friend, verified=story.verified_at_signup, token=story.token))
         if not story.verified_at_signup:
             await asyncio.sleep(self.rng.uniform(0, 0.5))

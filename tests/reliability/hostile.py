@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -471,7 +471,24 @@ def generate() -> list[Hostile]:
             found.append(case)
 
         collect()
-    return found
+    return [unique_id(number, case) for number, case in enumerate(found)]
+
+
+def unique_id(number: int, case: Hostile) -> Hostile:
+    """``case`` with an id of its own (hypothesis repeats the numbers it draws): only the
+    ``duplicated_id`` kind shares ids on purpose, and ``missing_id`` has none."""
+    if case.kind == "duplicated_id" or case.message_id is None:
+        return case
+    new = f"hostile-{case.kind}-{number}"
+    headers = {
+        k: (
+            new
+            if k in ("cloudEvents:id", "cloudEvents:correlationid") and v == case.message_id
+            else v
+        )
+        for k, v in case.headers.items()
+    }
+    return replace(case, message_id=new, headers=headers)
 
 
 # -- HTTP ---------------------------------------------------------------------------------

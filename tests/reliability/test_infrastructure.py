@@ -2,8 +2,8 @@
 
 RabbitMQ and mongod are shared with other test runs on this machine, so they are never
 restarted here: every service reaches them through a TCP proxy in this test process, and
-cutting a proxy (every connection dropped, new ones refused) is what a server restart
-looks like from the service. Each service's ``/readyz`` must turn 503 during a cut and 200
+cutting a proxy (every connection dropped, every new one closed at once) is what a server
+restart looks like from the service. Each service's ``/readyz`` must turn 503 during a cut and 200
 again afterwards, without any restart of the services; then the invariants hold.
 """
 
@@ -32,20 +32,48 @@ SEED = 1102
 CUT_S = 5.0  # how long each server stays away
 
 
+class HeldProxy(CuttableProxy):
+    """A ``CuttableProxy`` that keeps its port while cut: every connection is dropped and
+    each new one closed at once, but the listening socket stays bound, so no other process
+    on this busy machine can take the port meanwhile (the services would reconnect to it)."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__(target_host, target_port)
+        self.away = False
+
+    async def cut(self) -> None:
+        self.away = True
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def restore(self) -> None:
+        self.away = False
+
+    async def close(self) -> None:
+        await super().cut()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.away:
+            writer.close()
+            return
+        await super()._serve(reader, writer)
+
+
 @pytest.fixture
-async def proxies(isolation: Isolation) -> AsyncIterator[dict[str, CuttableProxy]]:
+async def proxies(isolation: Isolation) -> AsyncIterator[dict[str, HeldProxy]]:
     found = {}
     for name, url, default_port in (
         ("broker", isolation.urls.amqp_url, 5672),
         ("database", isolation.urls.mongo_url, 27017),
     ):
         target = urlparse(url)
-        proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or default_port)
+        proxy = HeldProxy(target.hostname or "127.0.0.1", target.port or default_port)
         await proxy.start()
         found[name] = proxy
     yield found
     for proxy in found.values():
-        await proxy.cut()
+        await proxy.close()
 
 
 @pytest.fixture
@@ -53,7 +81,7 @@ async def proxied(
     request: pytest.FixtureRequest,
     isolation: Isolation,
     amqp: AbstractRobustConnection,
-    proxies: dict[str, CuttableProxy],
+    proxies: dict[str, HeldProxy],
 ) -> AsyncIterator[ChaosSystem]:
     """The three services, reaching the broker and the database only through the proxies."""
     broker = urlparse(isolation.urls.amqp_url)
@@ -116,13 +144,14 @@ async def readiness_becomes(
 
 @pytest.mark.timeout(600)
 async def test_services_ride_out_a_broker_and_a_database_outage_under_load(
-    proxied: ChaosSystem, proxies: dict[str, CuttableProxy]
+    proxied: ChaosSystem, proxies: dict[str, HeldProxy]
 ) -> None:
     summary = Summary("infrastructure")
     inviters, stories = make_stories(STORIES, inviters=max(1, STORIES // 4), seed=SEED)
     driver = Driver(proxied, seed=SEED)
     deadline = time.monotonic() + 3 * STORIES / RATE + 120
     outages: list[dict[str, object]] = []
+    pids = {p.name: p.process.pid for p in proxied.processes() if p.process is not None}
 
     async def outage(name: str) -> None:
         proxy = proxies[name]
@@ -182,5 +211,6 @@ async def test_services_ride_out_a_broker_and_a_database_outage_under_load(
         summary.duplicates = proxied.duplicates_seen()
         summary.publish()
     assert [o["server"] for o in outages] == ["broker", "database"]
-    restarts = [p.process.pid for p in proxied.processes() if p.process is not None]
-    assert len(restarts) == 3 and all(p.process.poll() is None for p in proxied.processes())
+    now = {p.name: p.process.pid for p in proxied.processes() if p.process is not None}
+    assert now == pids, f"a service was restarted: {pids} -> {now}"  # they reconnected alone
+    assert all(p.process is not None and p.process.poll() is None for p in proxied.processes())
