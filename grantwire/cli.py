@@ -6,6 +6,8 @@ service's dependencies load only when that service runs.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from grantwire import dlq, publish
@@ -47,6 +49,35 @@ def docs(
         return
     for path in asyncapi.write_docs():
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def token(
+    sub: str = typer.Option("operator", help="user id (the token's sub)"),
+    email: str = typer.Option("operator@example.com"),
+    role: Annotated[
+        list[str] | None, typer.Option("--role", help="e.g. admin (repeatable)")
+    ] = None,
+    minutes: int = typer.Option(60, min=1, max=24 * 60),
+) -> None:
+    """A bearer token for the APIs of the system `make up` runs (local exploration only)."""
+    import os
+    import time
+
+    import jwt
+
+    from grantwire.system import STATE
+
+    key_file = STATE / "jwt-secret"
+    secret = os.environ.get("GRANTWIRE_JWT_SECRET") or (
+        key_file.read_text() if key_file.exists() else None
+    )
+    if not secret:
+        typer.echo("no signing key: run `make up` or set GRANTWIRE_JWT_SECRET", err=True)
+        raise typer.Exit(1)
+    roles = role or []
+    claims = {"sub": sub, "email": email, "roles": roles, "exp": int(time.time()) + 60 * minutes}
+    typer.echo(jwt.encode(claims, secret, algorithm="HS256"))
 
 
 @app.command()

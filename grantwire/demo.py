@@ -21,7 +21,7 @@ import httpx
 import jwt
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from grantwire.system import LocalSystem, read_infra_env
+from grantwire.system import STATE, LocalSystem, read_infra_env
 from shared.contracts import Event, UserEmailVerified, UserSignedUp
 from shared.envelope import Envelope
 from shared.publisher import ConfirmingPublisher
@@ -258,6 +258,12 @@ def main(keep_running: bool = False) -> int:
     print("Balances are correct." if ok else "UNEXPECTED balances!")
     if keep_running:
         system.save()
+        # Local exploration only: the per-run signing key, so `grantwire token` can mint
+        # tokens for this system's APIs (git-ignored, readable by the owner only).
+        key_file = STATE / "jwt-secret"
+        key_file.touch(mode=0o600)
+        key_file.write_text(system.base_env["GRANTWIRE_JWT_SECRET"])
+        print("Tokens for the APIs: .venv/bin/grantwire token --role admin")
         print("The system keeps running; stop it with `make down`.")
     else:
         codes = system.stop()

@@ -179,6 +179,7 @@ def stop_saved(timeout: float = 30.0) -> list[str]:
             os.kill(pid, signal.SIGKILL)
         stopped.append(name)
     state_file.unlink()
+    (STATE / "jwt-secret").unlink(missing_ok=True)
     return stopped
 
 
