@@ -214,3 +214,44 @@ async def test_services_ride_out_a_broker_and_a_database_outage_under_load(
     now = {p.name: p.process.pid for p in proxied.processes() if p.process is not None}
     assert now == pids, f"a service was restarted: {pids} -> {now}"  # they reconnected alone
     assert all(p.process is not None and p.process.poll() is None for p in proxied.processes())
+
+
+GAP_STOP = (
+    "shared.consumer.Consumer.stop awaits queue.cancel(), which waits for the robust "
+    "connection to come back, without a timeout: SIGTERM during a broker outage never "
+    "finishes and the process is killed at the end of its grace period"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=GAP_STOP)
+@pytest.mark.timeout(120)
+async def test_gap_a_service_stops_within_its_grace_while_the_broker_is_away(
+    isolation: Isolation,
+) -> None:
+    from services.billing.app import build
+    from services.billing.settings import BillingSettings
+
+    target = urlparse(isolation.urls.amqp_url)
+    broker = HeldProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await broker.start()
+    credentials = f"{target.username}:{target.password}@" if target.username else ""
+    settings = isolation.settings(
+        BillingSettings,
+        "billing",
+        amqp_url=f"amqp://{credentials}127.0.0.1:{broker.port}/",
+        shutdown_grace_s=6.0,
+        jwt_secret="s" * 32,
+    )
+    runtime, _ = build(settings)
+    isolation.track_runtime(runtime)
+    await runtime.start()
+    try:
+        await broker.cut()
+        await asyncio.sleep(2)  # the service knows the broker is gone
+        stopping = asyncio.create_task(runtime.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=settings.shutdown_grace_s + 2)
+        if not done:
+            stopping.cancel()
+        assert done, f"stop did not finish within the grace ({settings.shutdown_grace_s:g} s)"
+    finally:
+        await broker.close()
