@@ -238,10 +238,18 @@ class Consumer:
                 f"{envelope.type} schema version {envelope.schema_version!r} is not "
                 f"{major_version(model.schema_version)}.x",
             )
+        media = (message.content_type or "application/json").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise PermanentError(
+                "unsupported_content_type",
+                f"content type {message.content_type!r} is not application/json",
+            )
         try:
             data = json.loads(envelope.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PermanentError("invalid_json", f"body is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit;
+            # RecursionError, nesting deeper than the parser goes: none will ever parse.
+            raise PermanentError("invalid_json", f"body is not JSON: {exc!s:.300}") from exc
         try:
             event = model.model_validate(data)
         except ValidationError as exc:

@@ -7,6 +7,7 @@ let in-flight messages finish, flush the outbox, then close the connections.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -34,6 +35,7 @@ from shared.topology import WorkQueue, declare_event_log, declare_exchanges
 T = TypeVar("T")
 DEAD_LETTER_STATUSES = ("dead", "replaying", "replayed", "purged")
 log = structlog.get_logger("grantwire.runtime")
+READINESS_PING_TIMEOUT_S = 2.0
 
 
 class ServiceRuntime:
@@ -208,7 +210,8 @@ class ServiceRuntime:
         if not connected:
             reasons.append("broker: not connected")
         try:
-            await ping(self.client)
+            # Bounded: a probe must answer (with the reason) before the orchestrator gives up.
+            await asyncio.wait_for(ping(self.client), READINESS_PING_TIMEOUT_S)
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"down: {type(exc).__name__}"

@@ -261,16 +261,29 @@ async def test_poison_message_is_dead_lettered_with_its_reason_and_not_retried(
     )
     # aiormq always sets a message_id; a missing id is covered by the envelope unit tests
     no_type = aio_pika.Message(signup().model_dump_json().encode(), message_id="no-type")
-    for message in (bad_json, missing_field, future_major, no_type):
+    xml = aio_pika.Message(
+        signup().model_dump_json().encode(),
+        message_id="xml",
+        type="user.signed_up",
+        content_type="application/xml",
+    )
+    too_deep = aio_pika.Message(
+        b'{"user_id": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        message_id="too-deep",
+        type="user.signed_up",
+    )
+    for message in (bad_json, missing_field, future_major, no_type, xml, too_deep):
         await exchange.publish(message, routing_key="user.signed_up")
     rejected = await publish_event(amqp, isolation.naming, signup(2))
 
-    letters = await dead_letters(amqp, isolation, expected=5)
+    letters = await dead_letters(amqp, isolation, expected=7)
     reasons = {m.message_id: m.headers[H_REASON] for m in letters}
     assert reasons["bad-json"] == "invalid_json"
     assert reasons["missing-field"] == "schema_violation"
     assert reasons["future-major"] == "unsupported_version"
     assert reasons["no-type"] == "bad_envelope"
+    assert reasons["xml"] == "unsupported_content_type"
+    assert reasons["too-deep"] == "invalid_json"
     assert reasons[rejected.id] == "domain_rejected"
     assert calls == [rejected.id]  # poison never reached the handler; the rejection ran once
     by_id = {m.message_id: m for m in letters}
