@@ -29,7 +29,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         action="append",
         choices=PARTS,
         help="run only this part (repeatable); pipeline, latency and dlq also run the "
-        "baseline they are compared with. Memory is measured during pipeline and latency.",
+        "baseline they are compared with (not an extra latency run with --rate/--seconds). "
+        "Memory is measured during pipeline and latency.",
     )
     parser.add_argument(
         "--quick",
@@ -75,7 +76,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         latency_seconds=args.seconds,
     )
     chosen = list(dict.fromkeys(args.part or PARTS))
-    if NEEDS_BASELINE & set(chosen) and "baseline" not in chosen:
+    needs = NEEDS_BASELINE - ({"latency"} if args.rate or args.seconds else set())
+    if needs & set(chosen) and "baseline" not in chosen:
         chosen.insert(0, "baseline")
     chosen.sort(key=PARTS.index)
     started = time.perf_counter()

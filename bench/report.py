@@ -81,6 +81,16 @@ def _ms(value: float | None) -> str:
     return f"{value / 1000:,.1f} s" if value >= 10_000 else f"{value:,.1f} ms"
 
 
+def _baseline_p99(part: dict[str, Any], baseline: dict[str, Any] | None) -> Any:
+    """The raw-broker p99 of the part's own run, else of the latest baseline run."""
+    own = part.get("baseline_p99_ms_at_1000_per_s")
+    if own is not None:
+        return f"{own} ms"
+    if baseline:
+        return f"{baseline['latency']['p99_ms']} ms (run {baseline.get('run_id')})"
+    return "-"
+
+
 def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "NOT met")
 
@@ -134,7 +144,7 @@ def figures(latest: dict[str, Any]) -> list[dict[str, str]]:
                 f"{_ms(s.get('p99_ms'))}, max {bound}{_ms(s.get('max_ms'))} "
                 f"({lt['credited']:,}/{lt['stories']:,} credited; completed "
                 f"{lt.get('completed_stories_per_s', 0):,.0f} stories/s)",
-                "baseline": f"raw broker p99 {lt.get('baseline_p99_ms_at_1000_per_s')} ms; "
+                "baseline": f"raw broker p99 {_baseline_p99(lt, b)} at 1,000 msg/s; "
                 "old system up to 24 h",
                 "target": f"p99 <= {lt['target_p99_ms']:.0f} ms",
                 "verdict": _verdict(complete and s.get("p99_ms", 1e9) <= lt["target_p99_ms"]),
@@ -194,6 +204,10 @@ def figures(latest: dict[str, Any]) -> list[dict[str, str]]:
                 "command": " and ".join(dict.fromkeys(parts[k]["command"] for k in memory)),
             }
         )
+    for row, key in zip(rows, _row_parts(parts), strict=False):
+        ids = sorted({str(parts[k].get("run_id")) for k in key if parts[k].get("run_id")})
+        if ids:
+            row["run"] = f" (run {', '.join(ids)})"
     for key, part in every.items():
         if "error" in part:
             rows.append(
@@ -209,6 +223,19 @@ def figures(latest: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _row_parts(parts: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The parts behind each row of ``figures``, in the same order."""
+    keys: list[tuple[str, ...]] = []
+    keys += [("baseline",)] if "baseline" in parts else []
+    keys += [("pipeline",)] if "pipeline" in parts else []
+    keys += [(k,) for k in parts if k == "latency" or k.startswith("latency@")]
+    keys += [("reconcile",)] if "reconcile" in parts else []
+    keys += [("dlq",)] if "dlq" in parts else []
+    memory = tuple(k for k in ("pipeline", "latency") if k in parts)
+    keys += [memory] if memory else []
+    return keys
+
+
 def markdown(latest: dict[str, Any]) -> str:
     rows = latest.get("figures") or figures(latest)
     m = latest.get("machine", {})
@@ -218,7 +245,7 @@ def markdown(latest: dict[str, Any]) -> str:
     ]
     lines += [
         f"| {r['figure']} | {r['result']} | {r['baseline']} | {r['target']} | {r['verdict']} | "
-        f"`{r['command']}` |"
+        f"`{r['command']}`{r.get('run', '')} |"
         for r in rows
     ]
     lines.append("")
@@ -234,8 +261,9 @@ def markdown(latest: dict[str, Any]) -> str:
         f"Python {m.get('python')}, aio-pika {m.get('aio_pika')}, pymongo {m.get('pymongo')}; "
         f"RabbitMQ {m.get('rabbitmq')} ({m.get('erlang')}); MongoDB {m.get('mongodb')}. "
         f"Load average at start {m.get('load_average_at_start')}, at end "
-        f"{m.get('load_average_at_end')}. Run {latest.get('run_id')} "
-        f"(`{latest.get('command')}`), {latest.get('duration_s')} s."
+        f"{m.get('load_average_at_end')} (of the latest invocation, run {latest.get('run_id')}: "
+        f"`{latest.get('command')}`, {latest.get('duration_s')} s). Each row names its run; "
+        "`bench/results/<time>-<run>.json` has every run's details."
     )
     return "\n".join(lines)
 
@@ -325,6 +353,15 @@ def plot(latest: dict[str, Any], path: Path) -> bool:
         ax2.set_xlabel("second of the run (by publish time)")
         ax2.set_ylabel("latency (ms, log scale)")
         ax2.set_title(f"(3) per second at {lt['offered_per_s']:.0f} stories/s")
+        if lt.get("missing"):
+            ax2.text(
+                0.02,
+                0.02,
+                f"{lt['missing']:,} stories (the later ones) not credited within "
+                f"{lt.get('drain_deadline_s', 0):.0f} s after the last publish",
+                transform=ax2.transAxes,
+                fontsize=8,
+            )
         ax2.legend(fontsize=8)
         ax2.grid(True, which="both", alpha=0.3)
     m = latest.get("machine", {})
