@@ -558,32 +558,27 @@ def replay_command(
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             publisher = ConfirmingPublisher(channel, channel.default_exchange)
-            if tty:
-                from rich.progress import Progress
 
-                with Progress() as bar:
-                    task = bar.add_task("replaying", total=None)
-                    return await replay(
-                        store,
-                        publisher,
-                        flt,
-                        operator=who,
-                        reason=reason,
-                        batch_size=batch_size,
-                        rate=rate,
-                        to_queue=to_queue,
-                        progress=lambda done, total: bar.update(task, completed=done, total=total),
-                    )
-            return await replay(
-                store,
-                publisher,
-                flt,
-                operator=who,
-                reason=reason,
-                batch_size=batch_size,
-                rate=rate,
-                to_queue=to_queue,
-            )
+            async def run(progress: Callable[[int, int], None] | None) -> ReplayReport:
+                return await replay(
+                    store,
+                    publisher,
+                    flt,
+                    operator=who,
+                    reason=reason,
+                    batch_size=batch_size,
+                    rate=rate,
+                    to_queue=to_queue,
+                    progress=progress,
+                )
+
+            if not tty:
+                return await run(None)
+            from rich.progress import Progress
+
+            with Progress() as bar:
+                task = bar.add_task("replaying", total=None)
+                return await run(lambda done, total: bar.update(task, completed=done, total=total))
         finally:
             await connection.close()
 
