@@ -93,15 +93,15 @@ class BillingUnderTest:
         for event_type, count in self.published.items():
             await self.wait_handled(event_type, count, timeout)
 
-    def handled(self, event_type: str) -> int:
-        """Messages of ``event_type`` this test's consumers settled as handled."""
+    def handled(self, event_type: str, outcome: str = "handled") -> int:
+        """Messages of ``event_type`` this test's consumers settled with ``outcome``."""
         value = REGISTRY.get_sample_value(
             "grantwire_messages_total",
             {
                 "service": "billing",
                 "queue": GRANTS_QUEUE.name(self.isolation.naming),
                 "event_type": event_type,
-                "outcome": "handled",
+                "outcome": outcome,
             },
         )
         return int(value or 0)
