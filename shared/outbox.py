@@ -61,7 +61,17 @@ async def stage_events(
     aggregate_id: str,
 ) -> None:
     """Write events to the outbox inside ``session``'s transaction, in order."""
-    if not envelopes:
+    await stage_event_batch(db, session, [(env, aggregate_id) for env in envelopes])
+
+
+async def stage_event_batch(
+    db: AsyncDatabase[Document],
+    session: AsyncClientSession,
+    staged: Sequence[tuple[Envelope, str]],
+) -> None:
+    """``stage_events`` for events of several aggregates (envelope, aggregate id), in order,
+    in one round trip."""
+    if not staged:
         return
     now = datetime.now(UTC)
     docs = [
@@ -81,7 +91,7 @@ async def stage_events(
             "created_at": now,
             "attempts": 0,
         }
-        for env in envelopes
+        for env, aggregate_id in staged
     ]
     await db[OUTBOX].insert_many(docs, session=session, ordered=True)
 
