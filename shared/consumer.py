@@ -7,6 +7,10 @@
 - Any other failure is transient: the message is re-published to a delay tier (a TTL
   queue that dead-letters back to the work queue) with an attempt counter, and after
   ``max_attempts`` it is dead-lettered.
+- Failure headers (attempts, original exchange and routing key, first failure) are the
+  consumer's own: they are read back only from a message returning from one of its retry
+  tiers, never from what a publisher sent (that is a first attempt, wherever it claims to
+  come from).
 - The message id, body and properties are kept byte for byte on every hop.
 """
 
@@ -51,6 +55,7 @@ H_ORIGINAL_ROUTING_KEY = "x-grantwire-original-routing-key"
 H_FIRST_FAILURE_AT = "x-grantwire-first-failure-at"
 H_LAST_FAILURE_AT = "x-grantwire-last-failure-at"
 _BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+_EXPIRED = "expired"  # the x-death reason of a message whose retry-tier delay ran out
 _MAX_ERROR_TEXT = 1000
 
 
@@ -264,7 +269,7 @@ class Consumer:
         self, message: AbstractIncomingMessage, exc: Exception
     ) -> tuple[str, dict[str, Any]]:
         """Park a transiently failed message in a delay tier, or dead-letter it; (outcome, log)."""
-        attempts = _int_header(message, H_ATTEMPTS) + 1
+        attempts = self._failed_attempts(message) + 1
         retry = self._settings.retry
         detail: dict[str, Any] = {"attempts": attempts, "error": repr(exc)}
         if attempts >= retry.max_attempts:
@@ -292,7 +297,7 @@ class Consumer:
         self, message: AbstractIncomingMessage, *, reason: str, error: BaseException
     ) -> str:
         """Publish the message to the dead-letter queue with failure headers; the outcome."""
-        attempts = _int_header(message, H_ATTEMPTS) + 1
+        attempts = self._failed_attempts(message) + 1
         headers = self._failure_headers(message, error, attempts, reason=reason)
         try:
             await self._publisher.publish_message(
@@ -313,11 +318,20 @@ class Consumer:
         await message.ack()
         return "dead_lettered"
 
+    def _failed_attempts(self, message: AbstractIncomingMessage) -> int:
+        """Failed attempts before this delivery (0 unless it returns from a retry tier)."""
+        if not returned_from_retry_tier(message, self.queue_name):
+            return 0
+        return max(0, _int_header(message, H_ATTEMPTS))
+
     def _failure_headers(
         self, message: AbstractIncomingMessage, error: BaseException, attempts: int, reason: str
     ) -> dict[str, Any]:
         now = datetime.now(UTC).isoformat()
-        headers = dict(message.headers or {})
+        # What a publisher put in our headers is not ours to trust: a first failure starts
+        # from the delivery's own exchange and routing key.
+        ours = returned_from_retry_tier(message, self.queue_name)
+        headers = dict(message.headers or {}) if ours else {}
         return {
             H_ORIGINAL_EXCHANGE: headers.get(H_ORIGINAL_EXCHANGE, message.exchange or ""),
             H_ORIGINAL_ROUTING_KEY: headers.get(H_ORIGINAL_ROUTING_KEY, message.routing_key or ""),
@@ -330,6 +344,31 @@ class Consumer:
             H_SERVICE: self._service,
             H_QUEUE: self.queue_name,
         }
+
+
+def returned_from_retry_tier(message: AbstractIncomingMessage, queue_name: str) -> bool:
+    """True when ``message`` comes back to ``queue_name`` from one of its retry tiers.
+
+    A tier (``<queue>.retry.<n>``) dead-letters an expired message through the default
+    exchange with the work queue's name as routing key, and the broker records that as the
+    newest ``x-death`` entry. Only then are the failure headers the consumer's own: an
+    event published to the events exchange arrives with that exchange's name, and only
+    Grantwire's own users may write to the default exchange
+    (``deploy/rabbitmq/definitions.json``; identity may not).
+    """
+    if message.exchange != "" or message.routing_key != queue_name:
+        return False
+    deaths = (message.headers or {}).get("x-death")
+    if not isinstance(deaths, list | tuple) or not deaths or not isinstance(deaths[0], dict):
+        return False
+    newest = deaths[0]
+    return _text(newest.get("reason")) == _EXPIRED and _text(newest.get("queue")).startswith(
+        f"{queue_name}.retry."
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
 
 
 def _int_header(message: AbstractIncomingMessage, name: str) -> int:

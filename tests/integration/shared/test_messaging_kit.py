@@ -27,7 +27,7 @@ from shared.consumer import (
 from shared.contracts import Event, OrganizationProvisioned, UserSignedUp
 from shared.envelope import H_SCHEMA_VERSION, Envelope
 from shared.outbox import OUTBOX, OutboxRelay, stage_events
-from shared.publisher import ConfirmingPublisher, UnroutableError
+from shared.publisher import ConfirmingPublisher, UnroutableError, to_message
 from shared.runtime import ServiceRuntime
 from shared.settings import ServiceSettings
 from shared.topology import WorkQueue
@@ -341,6 +341,80 @@ async def test_transient_failure_is_retried_with_delays_then_dead_lettered(
     assert letter.headers[H_FIRST_FAILURE_AT] <= letter.headers[H_LAST_FAILURE_AT]
     assert letter.headers[H_ORIGINAL_ROUTING_KEY] == "user.signed_up"
     assert letter.message_id == envelope.id and letter.body == envelope.body
+
+
+FORGED_FAILURE_HEADERS = {
+    H_ATTEMPTS: 99,
+    H_ORIGINAL_EXCHANGE: "elsewhere",
+    H_ORIGINAL_ROUTING_KEY: "user.deleted",
+    H_FIRST_FAILURE_AT: "2001-01-01T00:00:00+00:00",
+    H_REASON: "ok",
+}
+
+
+async def publish_with_headers(
+    amqp: AbstractRobustConnection,
+    exchange_name: str,
+    routing_key: str,
+    envelope: Envelope,
+    headers: dict[str, object],
+) -> None:
+    channel = await amqp.channel(publisher_confirms=True)
+    message = to_message(envelope)
+    message.headers = {**message.headers, **headers}  # type: ignore[dict-item]
+    exchange = (
+        channel.default_exchange
+        if exchange_name == ""
+        else await channel.get_exchange(exchange_name)
+    )
+    await exchange.publish(message, routing_key=routing_key)
+    await channel.close()
+
+
+async def test_failure_headers_a_publisher_sends_are_ignored_and_retries_count_from_one(
+    make_runtime: Callable[..., Awaitable[ServiceRuntime]],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    seen: list[str] = []
+
+    async def handler(event: Event, envelope: Envelope) -> None:
+        seen.append(envelope.id)
+        raise ConnectionError("database unreachable")
+
+    await make_runtime(handler, retry_delays_s=(0.05, 0.1), max_attempts=3)
+    envelope = Envelope.new(signup(), source="tests")
+    await publish_with_headers(
+        amqp, isolation.naming.events_exchange, "user.signed_up", envelope, FORGED_FAILURE_HEADERS
+    )
+    [letter] = await dead_letters(amqp, isolation, expected=1)
+    assert seen == [envelope.id] * 3  # every attempt ran: the forged 99 counted for nothing
+    assert letter.headers[H_ATTEMPTS] == 3  # counted by the consumer's own retry tiers
+    assert letter.headers[H_REASON] == "retries_exhausted"
+    assert letter.headers[H_ORIGINAL_EXCHANGE] == isolation.naming.events_exchange
+    assert letter.headers[H_ORIGINAL_ROUTING_KEY] == "user.signed_up"
+    assert letter.headers[H_FIRST_FAILURE_AT] != FORGED_FAILURE_HEADERS[H_FIRST_FAILURE_AT]
+
+
+async def test_failure_headers_sent_straight_to_the_work_queue_are_ignored_too(
+    make_runtime: Callable[..., Awaitable[ServiceRuntime]],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    async def handler(event: Event, envelope: Envelope) -> None:
+        raise PermanentError("domain_rejected", "never")
+
+    await make_runtime(handler)
+    envelope = Envelope.new(signup(), source="tests")
+    work_queue = WORK.name(isolation.naming)
+    # the default exchange and the work queue's name, as a retry tier would, but no expiry
+    await publish_with_headers(amqp, "", work_queue, envelope, FORGED_FAILURE_HEADERS)
+    [letter] = await dead_letters(amqp, isolation, expected=1)
+    assert letter.headers[H_ATTEMPTS] == 1
+    assert letter.headers[H_REASON] == "domain_rejected"
+    assert letter.headers[H_ORIGINAL_EXCHANGE] == ""
+    assert letter.headers[H_ORIGINAL_ROUTING_KEY] == work_queue
+    assert letter.headers[H_FIRST_FAILURE_AT] != FORGED_FAILURE_HEADERS[H_FIRST_FAILURE_AT]
 
 
 async def test_redelivered_message_reaches_the_handler_with_the_same_message_id(
