@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +55,7 @@ H_ORIGINAL_EXCHANGE = "x-grantwire-original-exchange"
 H_ORIGINAL_ROUTING_KEY = "x-grantwire-original-routing-key"
 H_FIRST_FAILURE_AT = "x-grantwire-first-failure-at"
 H_LAST_FAILURE_AT = "x-grantwire-last-failure-at"
+H_LETTER_ID = "x-grantwire-letter-id"  # one per dead-lettering: the archive's identity of it
 _BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
 _EXPIRED = "expired"  # the x-death reason of a message whose retry-tier delay ran out
 _MAX_ERROR_TEXT = 1000
@@ -299,6 +301,7 @@ class Consumer:
         """Publish the message to the dead-letter queue with failure headers; the outcome."""
         attempts = self._failed_attempts(message) + 1
         headers = self._failure_headers(message, error, attempts, reason=reason)
+        headers[H_LETTER_ID] = uuid.uuid4().hex
         try:
             await self._publisher.publish_message(
                 _copy(message, headers),
@@ -384,7 +387,7 @@ def _copy(message: AbstractIncomingMessage, extra_headers: Mapping[str, Any]) ->
     headers = {
         k: v
         for k, v in (message.headers or {}).items()
-        if not any(k.startswith(prefix) for prefix in _BROKER_HEADERS)
+        if k != H_LETTER_ID and not any(k.startswith(prefix) for prefix in _BROKER_HEADERS)
     }
     headers.update(extra_headers)
     return aio_pika.Message(

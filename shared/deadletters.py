@@ -4,15 +4,20 @@ Each service runs a ``DeadLetterKeeper`` beside its consumers: it moves every me
 its dead-letter queues, byte for byte with all properties and headers, into the
 service's own ``dead_letters`` collection and acks it only after the insert is committed
 (majority). A crash between insert and ack redelivers the message; a unique key on
-(queue, message id, failure time) turns that second insert into a no-op, so nothing is
-lost and nothing is kept twice. Listing and replay then work on the collection, never by
-browsing (and so reordering) a queue.
+(queue, letter id) turns that second insert into a no-op, so nothing is lost and nothing
+is kept twice. The letter id is the one the consumer stamped when it dead-lettered the
+message (``x-grantwire-letter-id``); a letter the broker dead-lettered itself (delivery
+limit) has none, and gets one derived from what every redelivery of it carries alike.
+Listing and replay then work on the collection, never by browsing (and so reordering) a
+queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,6 +35,7 @@ from shared.consumer import (
     H_ERROR_TYPE,
     H_FIRST_FAILURE_AT,
     H_LAST_FAILURE_AT,
+    H_LETTER_ID,
     H_ORIGINAL_EXCHANGE,
     H_ORIGINAL_ROUTING_KEY,
     H_REASON,
@@ -40,6 +46,9 @@ from shared.topology import Naming, WorkQueue
 
 DEAD_LETTERS = "dead_letters"
 DEAD_LETTER_AUDIT = "dead_letter_audit"
+# Replaced indexes, dropped at startup: (queue, message id, failed_at) kept only one of two
+# letters sharing a message id that failed in the same millisecond.
+RETIRED_DEAD_LETTER_INDEXES = {DEAD_LETTERS: ("one_copy_per_failure",)}
 log = structlog.get_logger("grantwire.deadletters")
 
 
@@ -48,9 +57,11 @@ def dead_letter_indexes(purged_retention: timedelta) -> dict[str, list[IndexMode
     return {
         DEAD_LETTERS: [
             IndexModel(
-                [("queue", ASCENDING), ("message_id", ASCENDING), ("failed_at", ASCENDING)],
+                [("queue", ASCENDING), ("letter_id", ASCENDING)],
                 unique=True,
-                name="one_copy_per_failure",
+                # letters archived before letter ids existed have none and stay as they are
+                partialFilterExpression={"letter_id": {"$type": "string"}},
+                name="one_copy_per_letter",
             ),
             IndexModel([("status", ASCENDING), ("failed_at", DESCENDING)], name="by_status"),
             IndexModel([("event_type", ASCENDING), ("error_type", ASCENDING)], name="by_kind"),
@@ -87,6 +98,29 @@ def _parse_time(value: Any) -> datetime | None:
     return None
 
 
+def letter_id(*, queue: str, message_id: str, headers: Document, body: bytes) -> str:
+    """The identity of one dead letter in ``queue``: the same for each of its redeliveries.
+
+    The consumer's stamp (``x-grantwire-letter-id``) when the consumer dead-lettered it. A
+    letter the broker dead-lettered (it carries ``x-death``) keeps whatever headers it was
+    published with, so any stamp on it is not ours: its id is derived from its queue,
+    message id, failure headers, ``x-death`` entries and body, which its redeliveries share
+    (``headers`` are the archive's plain values, see ``dead_letter_document``).
+    """
+    stamped = headers.get(H_LETTER_ID)
+    if isinstance(stamped, str) and stamped and not headers.get("x-death"):
+        return stamped
+    basis = [
+        queue,
+        message_id,
+        headers.get(H_LAST_FAILURE_AT),
+        headers.get("x-death"),
+        hashlib.sha256(body).hexdigest(),
+    ]
+    text = json.dumps(basis, sort_keys=True, default=str)
+    return f"derived-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
+
+
 def dead_letter_document(message: AbstractIncomingMessage, *, service: str) -> Document:
     """The archive document of one dead-lettered message (everything needed to replay)."""
     headers: dict[str, Any] = _plain(dict(message.headers or {}))
@@ -99,10 +133,15 @@ def dead_letter_document(message: AbstractIncomingMessage, *, service: str) -> D
         or datetime.now(UTC)
     )
     work_queue = str(broker_death.get("queue") or headers.get("x-grantwire-queue") or "")
+    queue = message.routing_key or ""
+    message_id = message.message_id or ""
     return {
         "_id": ObjectId(),
-        "message_id": message.message_id or "",
-        "queue": message.routing_key or "",
+        "letter_id": letter_id(
+            queue=queue, message_id=message_id, headers=headers, body=message.body
+        ),
+        "message_id": message_id,
+        "queue": queue,
         "work_queue": work_queue,
         "service": service,
         "event_type": message.type or headers.get("cloudEvents:type") or "unknown",

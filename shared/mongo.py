@@ -78,6 +78,19 @@ async def ensure_indexes(
             await db[collection].create_indexes(list(models))
 
 
+async def drop_retired_indexes(
+    db: AsyncDatabase[Document], retired: Mapping[str, Sequence[str]]
+) -> None:
+    """Drop indexes (by name) a newer definition replaced; those already gone are fine."""
+    for collection, names in retired.items():
+        for name in names:
+            try:
+                await db[collection].drop_index(name)
+            except OperationFailure as exc:
+                if exc.code not in (26, 27):  # NamespaceNotFound, IndexNotFound: nothing to drop
+                    raise
+
+
 def is_duplicate_key(exc: BaseException) -> bool:
     """True for a unique index violation (E11000), also inside a bulk/transaction error."""
     return isinstance(exc, OperationFailure) and exc.code == 11000

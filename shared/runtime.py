@@ -24,9 +24,21 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from shared import metrics
 from shared.consumer import Consumer, Handler
-from shared.deadletters import DEAD_LETTERS, DeadLetterKeeper, dead_letter_indexes
+from shared.deadletters import (
+    DEAD_LETTERS,
+    RETIRED_DEAD_LETTER_INDEXES,
+    DeadLetterKeeper,
+    dead_letter_indexes,
+)
 from shared.logging import mask_url
-from shared.mongo import Document, create_client, ensure_indexes, ping, run_in_transaction
+from shared.mongo import (
+    Document,
+    create_client,
+    drop_retired_indexes,
+    ensure_indexes,
+    ping,
+    run_in_transaction,
+)
 from shared.outbox import OutboxRelay, outbox_indexes
 from shared.publisher import ConfirmingPublisher
 from shared.settings import ServiceSettings
@@ -124,6 +136,7 @@ class ServiceRuntime:
             tls_options=settings.mongo_tls_options(),
         )
         await ensure_indexes(self.db, self._indexes)
+        await drop_retired_indexes(self.db, RETIRED_DEAD_LETTER_INDEXES)
         self._connection = await aio_pika.connect_robust(
             settings.amqp_url.get_secret_value(),
             client_properties={"connection_name": f"{self.service}:{self.instance_id}"},

@@ -10,11 +10,11 @@ the oracle names and its true routing key; each good one must be applied; no pro
 crash; memory must stay flat (the second half of the storm may not grow any process by
 more than ``MEMORY_GROWTH_MB``).
 
-Known gaps are bugs found by this scenario in ``shared/`` (owned elsewhere, reported, not
-fixed here). Each is listed in ``KNOWN_GAPS`` with what it does today; the cases they
-explain are counted apart from violations and shown on the summary line, and
-``test_known_gaps_are_still_open`` fails as soon as one is fixed, so the entry is removed
-and the expectation becomes strict.
+Known gaps are bugs found by this scenario in ``shared/`` and not fixed yet (none is open
+now). Each is listed in ``KNOWN_GAPS`` with what it does today; the cases they explain are
+counted apart from violations and shown on the summary line, and a strict-xfail test of the
+specified behaviour fails as soon as one is fixed, so the entry is removed and the
+expectation becomes strict.
 """
 
 from __future__ import annotations
@@ -59,9 +59,7 @@ MEMORY_GROWTH_MB = 40.0
 
 # (kind, what happens) -> the bug that explains it; each has a strict-xfail test below that
 # asserts the specified behaviour, so the fix turns it into a failure to remove the entry.
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("duplicated_id", "not_archived"): "two letters with one id in one millisecond: one is dropped",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def outcome_of(case: hostile.Hostile, service: str, letters: list[dict[str, Any]]) -> str:
@@ -397,7 +395,7 @@ def answer_problem(response: httpx.Response) -> str | None:
     return None
 
 
-# -- the known gaps, each on its own: the specified behaviour, failing until fixed -----------
+# -- gaps this scenario found (fixed since), each on its own: the specified behaviour --------
 def decode_reason(body: bytes, content_type: str = "application/json") -> str:
     """What the consumer's decoding says of a ``user.signed_up`` message with ``body``."""
     from shared.consumer import Consumer, ConsumerSettings, PermanentError
@@ -464,19 +462,29 @@ def test_failure_headers_sent_by_a_publisher_are_not_trusted() -> None:
     assert headers[H_ORIGINAL_ROUTING_KEY] == "user.signed_up"
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[("duplicated_id", "not_archived")])
-async def test_gap_two_letters_sharing_an_id_and_a_millisecond_are_both_kept(
-    isolation: Isolation, mongo: AsyncMongoClient[Document]
+@pytest.mark.parametrize("stamped", [True, False], ids=["letter_ids", "no_letter_ids"])
+async def test_two_letters_sharing_an_id_and_a_millisecond_are_both_kept(
+    isolation: Isolation, mongo: AsyncMongoClient[Document], stamped: bool
 ) -> None:
+    """Both kept; a redelivery of either (the keeper crashed before its ack) is not.
+
+    ``letter_ids``: as the consumer dead-letters them now, identical but for their letter
+    ids. ``no_letter_ids``: as they were archived before (or as the broker dead-letters
+    them), different bodies failing within one millisecond."""
+    from shared.consumer import H_LETTER_ID
     from shared.deadletters import DEAD_LETTERS, dead_letter_document, dead_letter_indexes
     from shared.mongo import ensure_indexes
 
     db = mongo[isolation.db_name("billing")]
     await ensure_indexes(db, dead_letter_indexes(timedelta(days=1)))
 
-    def letter(body: bytes, failed_at: str) -> SimpleNamespace:
+    def letter(n: int) -> SimpleNamespace:
+        # the same microsecond with letter ids; without, the same millisecond
+        at = (
+            "2026-11-25T14:21:40.446552+00:00" if stamped else f"2026-11-25T14:21:40.4465{n}0+00:00"
+        )
         return SimpleNamespace(
-            body=body,
+            body=b"{}" if stamped else str(n).encode(),
             message_id="same-id",
             routing_key="billing.grants.dlq",
             type="invitation.accepted",
@@ -488,16 +496,15 @@ async def test_gap_two_letters_sharing_an_id_and_a_millisecond_are_both_kept(
             delivery_mode=2,
             headers={
                 "x-grantwire-reason": "schema_violation",
-                "x-grantwire-last-failure-at": failed_at,
+                "x-grantwire-last-failure-at": at,
+                **({H_LETTER_ID: uuid.uuid4().hex} if stamped else {}),
             },
         )
 
-    for body, at in (
-        (b"1", "2026-11-25T14:21:40.446552+00:00"),
-        (b"2", "2026-11-25T14:21:40.446593+00:00"),
-    ):
+    letters = [letter(1), letter(2)]
+    for message in [*letters, letters[0], letters[1]]:
         with contextlib.suppress(DuplicateKeyError):  # what the keeper does with it
             await db[DEAD_LETTERS].insert_one(
-                dead_letter_document(letter(body, at), service="billing")  # type: ignore[arg-type]
+                dead_letter_document(message, service="billing")  # type: ignore[arg-type]
             )
     assert await db[DEAD_LETTERS].count_documents({}) == 2
