@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -28,13 +27,19 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 from pydantic import ValidationError
 
 from shared import metrics, tracing
 from shared.contracts import Event, major_version, model_for
 from shared.envelope import Envelope, EnvelopeError
 from shared.publisher import ConfirmingPublisher
+from shared.shutdown import STOP_STEP_TIMEOUT_S, bounded_step
 from shared.topology import (
     DEFAULT_DELIVERY_LIMIT,
     Naming,
@@ -102,6 +107,7 @@ class Consumer:
         self._handlers = dict(handlers)
         self._settings = settings
         self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._log = structlog.get_logger("grantwire.consumer").bind(
@@ -124,6 +130,7 @@ class Consumer:
             self._settings.delivery_limit,
         )
         self._channel = channel
+        self._queue = queue
         self._consumer_tag = await queue.consume(self._on_message)
         metrics.CONSUMER_UP.labels(self._service, self.queue_name).set(1)
 
@@ -133,21 +140,43 @@ class Consumer:
         channel = self._channel
         return channel is not None and not channel.is_closed and self._consumer_tag is not None
 
-    async def stop(self, timeout_s: float = 20.0) -> None:
-        """Stop taking messages, let in-flight ones finish, close the channel."""
+    async def stop(
+        self, timeout_s: float = 20.0, step_timeout_s: float = STOP_STEP_TIMEOUT_S
+    ) -> None:
+        """Stop taking messages, let in-flight ones finish, close the channel.
+
+        In-flight messages get ``timeout_s``; each broker round trip (cancel, close) gets
+        ``step_timeout_s``, so a stop finishes while the broker is away.
+        """
         channel = self._channel
         if channel is None:
             return
         metrics.CONSUMER_UP.labels(self._service, self.queue_name).set(0)
-        if self._consumer_tag is not None:
-            with contextlib.suppress(Exception):
-                queue = await channel.get_queue(self.queue_name, ensure=False)
-                await queue.cancel(self._consumer_tag)
+        closed = channel.is_closed
+        if closed:
+            # The broker is away and our consumer went with the channel: no cancel can be
+            # answered. Closing the channel now keeps a reconnection from restoring it.
+            await self._close_channel(channel, step_timeout_s)
+        elif self._queue is not None and self._consumer_tag is not None:
+            # The declared (robust) queue forgets the consumer at once, so a reconnection
+            # never restores it, then waits for the broker's CancelOk: bounded.
+            await bounded_step(
+                self._queue.cancel(self._consumer_tag),
+                what="cancel consumer",
+                log=self._log,
+                timeout_s=step_timeout_s,
+            )
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout_s)
-        with contextlib.suppress(Exception):
-            await channel.close()
+        if not closed:
+            await self._close_channel(channel, step_timeout_s)
         self._channel = None
+        self._queue = None
+
+    async def _close_channel(self, channel: AbstractChannel, timeout_s: float) -> None:
+        await bounded_step(
+            channel.close(), what="close consumer channel", log=self._log, timeout_s=timeout_s
+        )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()

@@ -42,6 +42,7 @@ from shared.consumer import (
 )
 from shared.envelope import H_CORRELATION_ID
 from shared.mongo import Document
+from shared.shutdown import STOP_STEP_TIMEOUT_S, bounded_step
 from shared.topology import Naming, WorkQueue
 
 DEAD_LETTERS = "dead_letters"
@@ -203,10 +204,15 @@ class DeadLetterKeeper:
             queue = await self._channel.get_queue(name, ensure=True)
             await queue.consume(self._keep)
 
-    async def stop(self) -> None:
+    async def stop(self, step_timeout_s: float = STOP_STEP_TIMEOUT_S) -> None:
+        """Close the channel (bounded: the broker may be away); unacked letters stay queued."""
         if self._channel is not None:
-            with contextlib.suppress(Exception):
-                await self._channel.close()
+            await bounded_step(
+                self._channel.close(),
+                what="close dead-letter keeper channel",
+                log=log,
+                timeout_s=step_timeout_s,
+            )
             self._channel = None
 
     async def _keep(self, message: AbstractIncomingMessage) -> None:

@@ -31,6 +31,7 @@ from shared.envelope import Envelope
 from shared.lease import Lease
 from shared.mongo import Document
 from shared.publisher import ConfirmingPublisher, PublishRejectedError, UnroutableError
+from shared.shutdown import STOP_STEP_TIMEOUT_S, bounded_step
 
 OUTBOX = "outbox"
 LEASES = "leases"
@@ -167,10 +168,15 @@ class OutboxRelay:
         """Publish soon (called after a commit in this process)."""
         self._wake.set()
 
-    async def stop(self, flush_timeout_s: float = 10.0) -> None:
-        """Flush what is pending (within the timeout), stop, and release the lease."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), flush_timeout_s)
+    async def stop(
+        self, flush_timeout_s: float = 10.0, step_timeout_s: float = STOP_STEP_TIMEOUT_S
+    ) -> None:
+        """Flush what is pending (within the timeout), stop, and release the lease.
+
+        Neither an unreachable broker nor database keeps it from returning: the flush is
+        bounded by ``flush_timeout_s``, the lease release by ``step_timeout_s``.
+        """
+        await bounded_step(self.flush(), what="flush outbox", log=log, timeout_s=flush_timeout_s)
         self._stopping.set()
         self._wake.set()
         for task in self._tasks:
@@ -178,8 +184,9 @@ class OutboxRelay:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(Exception):
-            await self._lease.release()
+        await bounded_step(
+            self._lease.release(), what="release outbox lease", log=log, timeout_s=step_timeout_s
+        )
 
     async def flush(self) -> None:
         """Publish until nothing is pending that this relay can publish now."""

@@ -42,12 +42,14 @@ from shared.mongo import (
 from shared.outbox import OutboxRelay, outbox_indexes
 from shared.publisher import ConfirmingPublisher
 from shared.settings import ServiceSettings
+from shared.shutdown import STOP_STEP_TIMEOUT_S, bounded_step
 from shared.topology import WorkQueue, declare_event_log, declare_exchanges
 
 T = TypeVar("T")
 DEAD_LETTER_STATUSES = ("dead", "replaying", "replayed", "purged")
 log = structlog.get_logger("grantwire.runtime")
 READINESS_PING_TIMEOUT_S = 2.0
+MIN_STOP_STEP_S = 0.1  # past the grace, each remaining close still gets this long
 
 
 class ServiceRuntime:
@@ -190,20 +192,47 @@ class ServiceRuntime:
             await self._keeper.start()
 
     async def stop(self) -> None:
-        """Stop consuming, finish in-flight messages, flush the outbox, close."""
+        """Stop consuming, finish in-flight messages, flush the outbox, close.
+
+        It returns even while the broker or the database is unreachable: in-flight messages
+        get half the grace, the outbox flush a third, and each broker or database round trip
+        a quarter of it, at most ``STOP_STEP_TIMEOUT_S``, and hardly any once the grace is
+        over.
+        """
         grace = self.settings.shutdown_grace_s
-        for consumer in self._consumers:
-            await consumer.stop(timeout_s=grace / 2)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+
+        def step_timeout() -> float:
+            left = deadline - loop.time()
+            return max(MIN_STOP_STEP_S, min(STOP_STEP_TIMEOUT_S, grace / 4, left))
+
+        await asyncio.gather(
+            *(
+                consumer.stop(timeout_s=grace / 2, step_timeout_s=step_timeout())
+                for consumer in self._consumers
+            )
+        )
         self._consumers.clear()
         if self._keeper is not None:
-            await self._keeper.stop()
+            await self._keeper.stop(step_timeout_s=step_timeout())
             self._keeper = None
         if self._relay is not None:
-            await self._relay.stop(flush_timeout_s=grace / 3)
+            await self._relay.stop(flush_timeout_s=grace / 3, step_timeout_s=step_timeout())
         if self._connection is not None:
-            await self._connection.close()
+            await bounded_step(
+                self._connection.close(),
+                what="close broker connection",
+                log=log,
+                timeout_s=step_timeout(),
+            )
         if self._client is not None:
-            await self._client.close()
+            await bounded_step(
+                self._client.close(),
+                what="close database client",
+                log=log,
+                timeout_s=step_timeout(),
+            )
         log.info("stopped")
 
     # -- health and metrics -------------------------------------------------------------

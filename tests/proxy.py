@@ -7,13 +7,18 @@ import contextlib
 
 
 class CuttableProxy:
-    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops and refuses connections."""
+    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops and refuses connections,
+    ``stall()`` keeps them open but forwards nothing more (a server that stops answering)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
+        self.stalled = False
+
+    def stall(self) -> None:
+        self.stalled = True
 
     async def start(self, port: int = 0) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
@@ -42,6 +47,8 @@ class CuttableProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
+                    if self.stalled:
+                        continue  # swallowed: neither side hears from the other again
                     dst.write(data)
                     await dst.drain()
             dst.close()

@@ -216,16 +216,8 @@ async def test_services_ride_out_a_broker_and_a_database_outage_under_load(
     assert all(p.process is not None and p.process.poll() is None for p in proxied.processes())
 
 
-GAP_STOP = (
-    "shared.consumer.Consumer.stop awaits queue.cancel(), which waits for the robust "
-    "connection to come back, without a timeout: SIGTERM during a broker outage never "
-    "finishes and the process is killed at the end of its grace period"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=GAP_STOP)
 @pytest.mark.timeout(120)
-async def test_gap_a_service_stops_within_its_grace_while_the_broker_is_away(
+async def test_a_service_stops_within_its_grace_while_the_broker_is_away(
     isolation: Isolation,
 ) -> None:
     from services.billing.app import build
