@@ -215,7 +215,7 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "what": "user.email_verified for a pending referee -> matching billing.credits_granted "
         "(referee side, by invitation id), crossing organizations and billing; offered "
-        f"{rate:.0f} stories/s for {seconds:.0f} s; prefetch 32; INFO logs",
+        f"{rate:.0f} stories/s for {seconds:.0f} s; shipped defaults; INFO logs",
         "command": bench.figure_command(PART),
         "offered_per_s": rate,
         "seconds": seconds,

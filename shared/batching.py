@@ -1,8 +1,8 @@
 """Group commit for message handlers: concurrent calls share one batch of database work.
 
 The consumer runs up to ``prefetch`` handlers at once, each for one message. A handler that
-``submit``s its item to a ``GroupCommit`` waits while one batch runs at a time: whatever
-arrived while the previous batch ran goes into the next one. At low load every batch holds
+``submit``s its item to a ``GroupCommit`` waits while up to ``concurrency`` batches run at once:
+whatever arrived while they ran goes into the next one. At low load every batch holds
 one item (no waiting, no timer); under load the batches grow, so the round trips per
 message shrink with the load instead of adding to it.
 
@@ -34,61 +34,82 @@ RunBatch = Callable[[Sequence[I]], Awaitable[Sequence[R | BaseException]]]
 
 
 class GroupCommit(Generic[I, R]):
-    """Runs the items of concurrent callers in batches, one batch at a time."""
+    """Runs the items of concurrent callers in batches, at most ``concurrency`` at a time."""
 
-    def __init__(self, name: str, run_batch: RunBatch[I, R], *, max_batch: int = 128) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+    def __init__(
+        self,
+        name: str,
+        run_batch: RunBatch[I, R],
+        *,
+        max_batch: int = 128,
+        concurrency: int = 1,
+    ) -> None:
+        if max_batch < 1 or concurrency < 1:
+            raise ValueError("max_batch and concurrency must be at least 1")
         self.name = name
         self._run_batch = run_batch
         self._max_batch = max_batch
+        self._concurrency = concurrency
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._running: dict[asyncio.Task[None], list[asyncio.Future[R]]] = {}
 
     async def submit(self, item: I) -> R:
         """Run ``item`` in the next batch; its result, or its exception raised here.
 
-        A caller that is cancelled (a handler timeout) stops waiting; its item still runs if
-        its batch started, and the message's redelivery finds the work done.
+        A caller that is cancelled (a handler timeout) stops waiting. When every caller of
+        a running batch gave up, the batch is cancelled too (as a lone handler's database
+        call would be); otherwise it runs on, and a redelivery finds the item's work done.
         """
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._runner is None or self._runner.done():
-            # A clean context: the batch belongs to no single message's trace or log context.
-            self._runner = asyncio.create_task(
-                self._drain(), name=f"group-commit:{self.name}", context=contextvars.Context()
-            )
-        return await future
+        self._dispatch()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            for task, futures in self._running.items():
+                if future in futures and all(f.done() for f in futures):
+                    task.cancel()
+            raise
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch = self._pending[: self._max_batch]
+    def _dispatch(self) -> None:
+        """Start batches of what is pending while fewer than ``concurrency`` run."""
+        while self._pending and len(self._running) < self._concurrency:
+            taken = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
-            batch = [(item, future) for item, future in batch if not future.done()]
+            batch = [(item, future) for item, future in taken if not future.done()]
             if not batch:
                 continue
             BATCH_SIZE.labels(self.name).observe(len(batch))
-            try:
-                results = await self._run_batch([item for item, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"{self.name}: run_batch returned {len(results)} results "
-                        f"for {len(batch)} items"
-                    )
-            except asyncio.CancelledError:
-                for _, future in batch + self._pending:
-                    future.cancel()
-                self._pending.clear()
-                raise
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+            # A clean context: the batch belongs to no single message's trace or log context.
+            task = asyncio.create_task(
+                self._run(batch), name=f"group-commit:{self.name}", context=contextvars.Context()
+            )
+            self._running[task] = [future for _, future in batch]
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        for future in self._running.pop(task, []):
+            if not future.done():  # the batch was cancelled
+                future.cancel()
+        self._dispatch()
+
+    async def _run(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
+        """Run one batch and settle its callers (each with its own result or exception)."""
+        try:
+            results = await self._run_batch([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"{self.name}: run_batch returned {len(results)} results for {len(batch)} items"
+                )
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

@@ -17,3 +17,5 @@ HTTP (``api.py``; bearer JWT, members of the organization or admins):
 Jobs (``grantwire reconcile | expire | audit``, see ``jobs.py``). Configuration: ``settings.py``.
 Design notes and operations: ``README.md`` in this folder.
 """
+
+SERVICE = "billing"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from services.billing import SERVICE
 from services.billing.app import build
-from services.billing.handlers import SERVICE
 from services.billing.settings import BillingSettings
 from shared.auth import require_jwt_key
 from shared.http import serve

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.billing import jobs, repository
+from services.billing import SERVICE, jobs, repository
 from services.billing.api import billing_router
-from services.billing.handlers import SERVICE, Billing
+from services.billing.handlers import Billing
 from services.billing.settings import BillingSettings
 from shared.auth import TokenVerifier
 from shared.contracts import (

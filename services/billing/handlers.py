@@ -9,11 +9,12 @@ at least one of them sees the other's fact and grants; the ledger key makes the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import structlog
 from bson import ObjectId
@@ -37,11 +38,21 @@ from services.billing.domain import (
     unspent_units,
     users_to_resolve,
 )
+from services.billing.grant_batch import (
+    AcceptedReferral,
+    CreatedOrganization,
+    GrantBatches,
+    GrantWork,
+    ProvisionedUser,
+    SidesWriter,
+    WorkResult,
+    credits_granted,
+)
 from services.billing.repository import BillingStore, entry_document
 from services.billing.settings import BillingSettings
+from shared.batching import GroupCommit
 from shared.consumer import Handler
 from shared.contracts import (
-    CreditsGranted,
     Event,
     InvitationAccepted,
     OrganizationCreated,
@@ -49,10 +60,10 @@ from shared.contracts import (
 )
 from shared.envelope import Envelope
 from shared.mongo import Document
-from shared.outbox import stage_events
+from shared.outbox import stage_event_batch, stage_events
 
-SERVICE = "billing"
 T = TypeVar("T")
+R = TypeVar("R")
 Clock = Callable[[], datetime]
 SignupOutcome = Literal["applied", "duplicate_grant", "no_signup_grant"]
 log = structlog.get_logger("grantwire.billing")
@@ -99,6 +110,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def observe_credit_latency(grant: Grant, cause: Envelope | None) -> None:
+    if cause is not None:
+        waited = (utcnow() - cause.origin_time()).total_seconds()
+        CREDIT_LATENCY.labels(grant.side or "none", grant.source).observe(max(0.0, waited))
+
+
 def _is_ref_id_conflict(exc: DuplicateKeyError) -> bool:
     """True when the duplicate is a ledger key (not some other unique index)."""
     pattern = (exc.details or {}).get("keyPattern") or {}
@@ -118,6 +135,14 @@ class AccountLocks:
             lock = self._locks[organization_id] = asyncio.Lock()
         return lock
 
+    @contextlib.asynccontextmanager
+    async def all_of(self, organization_ids: Sequence[str]) -> Any:
+        """Hold the locks of several accounts, taken in one order (no deadlock)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for organization_id in sorted(set(organization_ids)):
+                await stack.enter_async_context(self(organization_id))
+            yield
+
 
 @dataclass(frozen=True)
 class LedgerPage:
@@ -136,10 +161,23 @@ class Billing:
         self.config: ReferralConfig = settings.referral_config()
         self._clock = clock
         self._account_lock = AccountLocks()
+        # The listeners' work, batched when events arrive together (grant_batch.py).
+        self._batches = GroupCommit[GrantWork, WorkResult](
+            "billing-grants",
+            GrantBatches(self).run,
+            max_batch=settings.grant_batch_max,
+            concurrency=settings.grant_batch_concurrency,
+        )
 
     @property
     def store(self) -> BillingStore:
         return BillingStore(self._database.db)
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    async def _submit(self, work: GrantWork, kind: type[R]) -> R:
+        return cast(R, await self._batches.submit(work))
 
     def listeners(self) -> dict[str, Handler]:
         """Event type -> message handler, for the service's work queue."""
@@ -152,8 +190,11 @@ class Billing:
     # -- listeners -------------------------------------------------------------------
     async def on_invitation_accepted(self, event: Event, envelope: Envelope) -> None:
         assert isinstance(event, InvitationAccepted)
-        result = await self.grant_for_invitation(
-            event.invitation_id, event.invited_by, event.accepted_user_id, cause=envelope
+        result = await self._submit(
+            AcceptedReferral(
+                event.invitation_id, event.invited_by, event.accepted_user_id, cause=envelope
+            ),
+            GrantResult,
         )
         for side in result.sides:
             count_grant(side.side, "referral", side.outcome)
@@ -166,8 +207,9 @@ class Billing:
 
     async def on_organization_provisioned(self, event: Event, envelope: Envelope) -> None:
         assert isinstance(event, OrganizationProvisioned)
-        results = await self.grant_for_provisioned(
-            event.user_id, event.organization_id, provisioned_at=envelope.time, cause=envelope
+        results = await self._submit(
+            ProvisionedUser(event.user_id, event.organization_id, envelope.time, cause=envelope),
+            list[GrantResult],
         )
         for side in (s for r in results for s in r.sides):
             if side.organization_id == event.organization_id:  # this user's own side
@@ -182,7 +224,9 @@ class Billing:
 
     async def on_organization_created(self, event: Event, envelope: Envelope) -> None:
         assert isinstance(event, OrganizationCreated)
-        outcome = await self.grant_signup(event.organization_id, event.plan_id, cause=envelope)
+        outcome = await self._submit(
+            CreatedOrganization(event.organization_id, event.plan_id, cause=envelope), str
+        )
         count_grant("none", "signup_grant", outcome)
         log.info(
             "signup grant",
@@ -257,17 +301,21 @@ class Billing:
         await store.record_sides(referral.invitation_id, changed_sides(referral, result), now)
         return result
 
-    async def grant_signup(
-        self, organization_id: str, plan_id: str, *, cause: Envelope | None = None
-    ) -> SignupOutcome:
-        """Credit a new organization's plan signup grant once (not gated by the referral switch)."""
-        grant = signup_grant(
+    def signup_grant_of(self, organization_id: str, plan_id: str) -> Grant | None:
+        """The signup grant of an organization's plan, or None when the plan has none."""
+        return signup_grant(
             organization_id,
             plan_id,
             self._settings.signup_grant_units,
             self._clock(),
             self._settings.signup_grant_expiry_days,
         )
+
+    async def grant_signup(
+        self, organization_id: str, plan_id: str, *, cause: Envelope | None = None
+    ) -> SignupOutcome:
+        """Credit a new organization's plan signup grant once (not gated by the referral switch)."""
+        grant = self.signup_grant_of(organization_id, plan_id)
         if grant is None:
             return "no_signup_grant"
         return "applied" if await self.apply_grant(grant, cause) else "duplicate_grant"
@@ -284,21 +332,7 @@ class Billing:
 
         async def work(session: AsyncClientSession) -> None:
             balance = await store.append_entry(session, entry)
-            event = CreditsGranted(
-                organization_id=grant.organization_id,
-                ref_id=grant.ref_id,
-                source=grant.source,
-                amount=grant.units,
-                balance=balance,
-                expires_at=grant.expires_at,
-                invitation_id=grant.invitation_id,
-                side=grant.side,
-            )
-            envelope = (
-                cause.caused(event, source=SERVICE)
-                if cause
-                else Envelope.new(event, source=SERVICE)
-            )
+            envelope = credits_granted(grant, balance, cause)
             await stage_events(store.db, session, [envelope], aggregate_id=grant.organization_id)
 
         try:
@@ -308,10 +342,49 @@ class Billing:
             if not _is_ref_id_conflict(exc):
                 raise
             return False
-        if cause is not None:
-            waited = (utcnow() - cause.origin_time()).total_seconds()
-            CREDIT_LATENCY.labels(grant.side or "none", grant.source).observe(max(0.0, waited))
+        observe_credit_latency(grant, cause)
         return True
+
+    async def apply_batch(
+        self, grants: Sequence[tuple[Grant, Envelope | None]], sides: SidesWriter
+    ) -> dict[str, bool]:
+        """Apply many grants in one transaction, with the side outcomes ``sides`` writes;
+        ``{ref_id: applied}`` (False: the key was in the ledger already, a duplicate).
+
+        Seven round trips whatever the number of grants. A key another process commits
+        meanwhile aborts the transaction with ``DuplicateKeyError``; the caller splits the
+        batch then.
+        """
+        store = self.store
+        if not grants:
+            await sides(None, {})
+            return {}
+
+        async def work(session: AsyncClientSession) -> dict[str, bool]:
+            held = await store.existing_keys(session, [g.ref_id for g, _ in grants])
+            fresh = [(g, cause) for g, cause in grants if g.ref_id not in held]
+            at = self._clock()
+            balances = await store.append_entries(
+                session, [entry_document(g, at=at) for g, _ in fresh]
+            )
+            await stage_event_batch(
+                store.db,
+                session,
+                [
+                    (credits_granted(g, balance, cause), g.organization_id)
+                    for (g, cause), balance in zip(fresh, balances, strict=True)
+                ],
+            )
+            applied = {g.ref_id: g.ref_id not in held for g, _ in grants}
+            await sides(session, applied)
+            return applied
+
+        async with self._account_lock.all_of([g.organization_id for g, _ in grants]):
+            applied = await self._database.commit(work)
+        for grant, cause in grants:
+            if applied[grant.ref_id]:
+                observe_credit_latency(grant, cause)
+        return applied
 
     # -- expiry ----------------------------------------------------------------------
     async def expire_topup(self, topup: Document, now: datetime) -> int | None:

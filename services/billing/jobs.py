@@ -35,8 +35,9 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.billing import SERVICE
 from services.billing.domain import GrantResult, Referral, users_to_resolve
-from services.billing.handlers import SERVICE, Billing, Clock, utcnow
+from services.billing.handlers import Billing, Clock, utcnow
 from services.billing.repository import INDEXES
 from services.billing.settings import BillingSettings
 from shared import tracing

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -133,6 +133,62 @@ class BillingStore:
         )
         return int(cast(Document, account)["balance"])
 
+    async def append_entries(
+        self, session: AsyncClientSession, entries: Sequence[Document]
+    ) -> list[int]:
+        """Insert ``entries`` and move their accounts' balances; the balance after each entry.
+
+        Three round trips whatever the number of entries (two when they share one account):
+        the inserts, one ``$inc`` per account, and the balances read back inside the
+        transaction, unwound entry by entry.
+        """
+        if not entries:
+            return []
+        organizations = {entry["organization_id"] for entry in entries}
+        if len(organizations) == 1 and len(entries) == 1:
+            return [await self.append_entry(session, entries[0])]
+        await self.ledger.insert_many(entries, ordered=True, session=session)
+        totals: dict[str, int] = {}
+        for entry in entries:
+            totals[entry["organization_id"]] = totals.get(entry["organization_id"], 0) + int(
+                entry["amount"]
+            )
+        at = max(entry["at"] for entry in entries)
+        await self.accounts.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": org},
+                    {"$inc": {"balance": total}, "$set": {"updated_at": at}},
+                    upsert=True,
+                )
+                for org, total in totals.items()
+            ],
+            ordered=False,
+            session=session,
+        )
+        remaining = {
+            doc["_id"]: int(doc["balance"])
+            async for doc in self.accounts.find(
+                {"_id": {"$in": list(totals)}}, {"balance": True}, session=session
+            )
+        }
+        balances = [0] * len(entries)
+        for i in range(len(entries) - 1, -1, -1):
+            org = entries[i]["organization_id"]
+            balances[i] = remaining[org]
+            remaining[org] -= int(entries[i]["amount"])
+        return balances
+
+    async def existing_keys(self, session: AsyncClientSession, ref_ids: Iterable[str]) -> set[str]:
+        """Which of ``ref_ids`` the ledger holds already (read in the caller's transaction)."""
+        keys = list(dict.fromkeys(ref_ids))
+        if not keys:
+            return set()
+        cursor = self.ledger.find(
+            {"ref_id": {"$in": keys}}, {"ref_id": True, "_id": False}, session=session
+        )
+        return {doc["ref_id"] async for doc in cursor}
+
     async def balance_in(self, session: AsyncClientSession, organization_id: str) -> int:
         account = await self.accounts.find_one(
             {"_id": organization_id}, {"balance": True}, session=session
@@ -188,15 +244,7 @@ class BillingStore:
         """Record an accepted invitation (first time only) and return what billing knows."""
         doc = await self.referrals.find_one_and_update(
             {"_id": invitation_id},
-            {
-                "$setOnInsert": {
-                    "inviter": inviter,
-                    "referee": referee,
-                    "accepted_at": at,
-                    "sides": {side: {"state": "open"} for side in SIDES},
-                    "open": True,
-                }
-            },
+            {"$setOnInsert": _new_referral(inviter, referee, at)},
             upsert=True,
             return_document=ReturnDocument.AFTER,
         )
@@ -206,24 +254,23 @@ class BillingStore:
         self, invitation_id: str, results: Sequence[SideResult], at: datetime
     ) -> None:
         """Store side outcomes; a granted side is never overwritten (its key is in the ledger)."""
-        if not results:
-            return
-        sides: dict[str, Any] = {}
-        for result in results:
-            path = f"sides.{result.side}"
-            record = {
-                "state": side_state(result.outcome),
-                "outcome": result.outcome,
-                "organization_id": result.organization_id,
-                "at": at,
-            }
-            granted = {"$eq": [f"${path}.state", "granted"]}
-            sides[path] = {"$cond": [granted, f"${path}", {"$literal": record}]}
-        states = [f"$sides.{side}.state" for side in SIDES]
-        await self.referrals.update_one(
-            {"_id": invitation_id},
-            [{"$set": sides}, {"$set": {"open": {"$in": ["open", states]}}}],
-        )
+        if results:
+            await self.referrals.update_one({"_id": invitation_id}, _sides_update(results, at))
+
+    async def record_sides_of(
+        self,
+        session: AsyncClientSession | None,
+        changes: Sequence[tuple[str, Sequence[SideResult]]],
+        at: datetime,
+    ) -> None:
+        """``record_sides`` for many referrals (invitation id, results) in one round trip."""
+        updates = [
+            UpdateOne({"_id": invitation_id}, _sides_update(results, at))
+            for invitation_id, results in changes
+            if results
+        ]
+        if updates:
+            await self.referrals.bulk_write(updates, ordered=False, session=session)
 
     async def close_open_sides(self, outcome: SideOutcome, at: datetime) -> int:
         """Close every open side with ``outcome``; returns how many referrals changed."""
@@ -243,6 +290,54 @@ class BillingStore:
             {"open": True}, [{"$set": sides}, {"$set": {"open": {"$in": ["open", states]}}}]
         )
         return result.modified_count
+
+    async def record_referrals(
+        self, accepted: Sequence[tuple[str, str | None, str | None]], at: datetime
+    ) -> None:
+        """``record_referral`` for many (invitation id, inviter, referee) in one round trip."""
+        if not accepted:
+            return
+        await self.referrals.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": invitation_id},
+                    {"$setOnInsert": _new_referral(inviter, referee, at)},
+                    upsert=True,
+                )
+                for invitation_id, inviter, referee in accepted
+            ],
+            ordered=False,
+        )
+
+    async def referrals_to_grant(
+        self, invitation_ids: Iterable[str], user_ids: Iterable[str]
+    ) -> list[Referral]:
+        """The referrals ``invitation_ids``, and those where a user of ``user_ids`` has an
+        open side of their own (one round trip for a batch of events)."""
+        ids, users = list(dict.fromkeys(invitation_ids)), list(dict.fromkeys(user_ids))
+        clauses: list[dict[str, Any]] = []
+        if ids:
+            clauses.append({"_id": {"$in": ids}})
+        if users:
+            clauses.append({"referee": {"$in": users}, "sides.referee.state": "open"})
+            clauses.append({"inviter": {"$in": users}, "sides.referrer.state": "open"})
+        if not clauses:
+            return []
+        return [_referral(doc) async for doc in self.referrals.find({"$or": clauses})]
+
+    async def record_memberships(
+        self, provisioned: Sequence[tuple[str, str, datetime]], seen_at: datetime
+    ) -> None:
+        """``record_membership`` for many (user, organization, provisioned at), one round trip."""
+        if not provisioned:
+            return
+        await self.memberships.bulk_write(
+            [
+                UpdateOne(*_membership_change(user, org, at, seen_at), upsert=True)
+                for user, org, at in provisioned
+            ],
+            ordered=False,
+        )
 
     async def open_referrals_of(self, user_id: str) -> list[Referral]:
         """Referrals where ``user_id``'s own side is open (as referee or as referrer)."""
@@ -271,14 +366,8 @@ class BillingStore:
     async def record_membership(
         self, user_id: str, organization_id: str, provisioned_at: datetime, seen_at: datetime
     ) -> None:
-        await self.memberships.update_one(
-            {"user_id": user_id, "organization_id": organization_id},
-            {
-                "$setOnInsert": {"first_seen": seen_at},
-                "$max": {"last_provisioned_at": provisioned_at},
-            },
-            upsert=True,
-        )
+        match, update = _membership_change(user_id, organization_id, provisioned_at, seen_at)
+        await self.memberships.update_one(match, update, upsert=True)
 
     async def organizations_of(self, user_ids: Iterable[str]) -> dict[str, str]:
         """Each user's organization (most recently provisioned; ties: the oldest pair)."""
@@ -346,6 +435,43 @@ class BillingStore:
 
     async def count_accounts(self) -> int:
         return await self.accounts.estimated_document_count()
+
+
+def _new_referral(inviter: str | None, referee: str | None, at: datetime) -> Document:
+    return {
+        "inviter": inviter,
+        "referee": referee,
+        "accepted_at": at,
+        "sides": {side: {"state": "open"} for side in SIDES},
+        "open": True,
+    }
+
+
+def _sides_update(results: Sequence[SideResult], at: datetime) -> list[Document]:
+    """The pipeline update storing side outcomes; a granted side is kept as it is."""
+    sides: dict[str, Any] = {}
+    for result in results:
+        path = f"sides.{result.side}"
+        record = {
+            "state": side_state(result.outcome),
+            "outcome": result.outcome,
+            "organization_id": result.organization_id,
+            "at": at,
+        }
+        granted = {"$eq": [f"${path}.state", "granted"]}
+        sides[path] = {"$cond": [granted, f"${path}", {"$literal": record}]}
+    states = [f"$sides.{side}.state" for side in SIDES]
+    return [{"$set": sides}, {"$set": {"open": {"$in": ["open", states]}}}]
+
+
+def _membership_change(
+    user_id: str, organization_id: str, provisioned_at: datetime, seen_at: datetime
+) -> tuple[Document, Document]:
+    """(filter, update) recording that ``user_id`` was provisioned into ``organization_id``."""
+    return (
+        {"user_id": user_id, "organization_id": organization_id},
+        {"$setOnInsert": {"first_seen": seen_at}, "$max": {"last_provisioned_at": provisioned_at}},
+    )
 
 
 def entry_document(grant: Grant, *, at: datetime, entry_id: ObjectId | None = None) -> Document:

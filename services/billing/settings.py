@@ -53,6 +53,24 @@ class BillingSettings(ServiceSettings, JwtSettings):
     reconcile_batch_size: int = Field(
         default=500, ge=1, description="referrals (or topups) per batch of a job's walk"
     )
+    grant_batch_max: int = Field(
+        default=128,
+        ge=1,
+        le=1000,
+        description="most listener events granted in one transaction (those that arrive "
+        "together; 1 at low load); the prefetch bounds it too",
+    )
+    grant_batch_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="listener batches in flight at once (each its own transaction)",
+    )
+    prefetch: int = Field(
+        default=256,
+        ge=1,
+        description="unacked messages on billing's queue: the events one batch can gather",
+    )
     job_concurrency: int = Field(
         default=16, ge=1, description="grants in flight at once inside a job batch"
     )

@@ -49,9 +49,11 @@ async def test_reconcile_backfills_a_grant_whose_message_was_dead_lettered(
     await billing.publish(provisioned("friend1", "org-b"))
     await billing.settled()
 
-    async def database_down(grant: Grant, cause: object = None) -> bool:
+    async def database_down(*args: object, **kwargs: object) -> bool:
         raise ConnectionError("primary stepped down")
 
+    # both write paths: the batched one, and the single one a failed batch falls back to
+    monkeypatch.setattr(billing.billing, "apply_batch", database_down)
     monkeypatch.setattr(billing.billing, "apply_grant", database_down)
     await billing.publish(accepted(1))  # its fact is recorded; every grant attempt fails
 

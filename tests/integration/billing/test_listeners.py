@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.billing.handlers import SERVICE
+from services.billing import SERVICE
 from shared.contracts import InvitationAccepted, OrganizationCreated, OrganizationProvisioned
 from tests.integration.billing.conftest import (
     REFERRAL_ON,

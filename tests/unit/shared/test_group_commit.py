@@ -1,0 +1,141 @@
+"""GroupCommit: concurrent callers share batches; each gets its own result or error back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from shared.batching import GroupCommit
+
+
+class Recorder:
+    """A batch function that records its batches and can be held open."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.started = asyncio.Event()
+        self.cancelled = 0
+
+    async def __call__(self, items: Sequence[int]) -> list[int | BaseException]:
+        self.batches.append(list(items))
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+
+async def test_a_lone_call_runs_at_once_as_a_batch_of_one() -> None:
+    run = Recorder()
+    group = GroupCommit[int, int]("t", run)
+    assert await group.submit(4) == 40
+    assert run.batches == [[4]]
+
+
+async def test_calls_arriving_while_a_batch_runs_share_the_next_one() -> None:
+    run = Recorder()
+    run.release.clear()
+    group = GroupCommit[int, int]("t", run, max_batch=3)
+    first = asyncio.create_task(group.submit(1))
+    await run.started.wait()
+    rest = [asyncio.create_task(group.submit(i)) for i in range(2, 7)]
+    await asyncio.sleep(0)
+    run.release.set()
+    assert await asyncio.gather(first, *rest) == [10, 20, 30, 40, 50, 60]
+    assert run.batches == [[1], [2, 3, 4], [5, 6]]  # max_batch bounds each batch
+
+
+async def test_each_caller_gets_its_own_error_and_the_others_their_results() -> None:
+    group = GroupCommit[int, int]("t", Recorder())
+    results = await asyncio.gather(
+        group.submit(1), group.submit(-2), group.submit(3), return_exceptions=True
+    )
+    assert results[0] == 10 and results[2] == 30
+    assert isinstance(results[1], ValueError) and str(results[1]) == "bad -2"
+
+
+async def test_a_batch_that_raises_fails_its_callers_and_the_next_batch_still_runs() -> None:
+    calls: list[list[int]] = []
+
+    async def broken_once(items: Sequence[int]) -> list[int | BaseException]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            raise ConnectionError("database away")
+        return list(items)
+
+    group = GroupCommit[int, int]("t", broken_once)
+    with pytest.raises(ConnectionError):
+        await group.submit(1)
+    assert await group.submit(2) == 2
+
+
+async def test_a_wrong_number_of_results_is_an_error_not_a_silent_mismatch() -> None:
+    async def short(items: Sequence[int]) -> list[int | BaseException]:
+        return []
+
+    with pytest.raises(RuntimeError, match="0 results for 1 items"):
+        await GroupCommit[int, int]("t", short).submit(1)
+
+
+async def test_when_every_caller_gives_up_the_running_batch_is_cancelled() -> None:
+    run = Recorder()
+    run.release.clear()
+    group = GroupCommit[int, int]("t", run)
+    caller = asyncio.create_task(group.submit(1))
+    await run.started.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0)
+    assert run.cancelled == 1
+    run.release.set()
+    assert await group.submit(2) == 20  # the group goes on
+
+
+async def test_a_batch_with_a_caller_still_waiting_runs_on_for_it() -> None:
+    run = Recorder()
+    run.release.clear()
+    group = GroupCommit[int, int]("t", run)
+    blocker = asyncio.create_task(group.submit(0))
+    await run.started.wait()
+    quitter = asyncio.create_task(group.submit(1))
+    stayer = asyncio.create_task(group.submit(2))
+    await asyncio.sleep(0)
+    run.release.set()
+    await blocker
+    run.release.clear()
+    run.started.clear()
+    await run.started.wait()  # the batch [1, 2] is running
+    quitter.cancel()
+    await asyncio.sleep(0)
+    run.release.set()
+    assert await stayer == 20 and run.cancelled == 0
+    assert quitter.cancelled()
+
+
+async def test_with_concurrency_two_a_second_batch_starts_while_the_first_runs() -> None:
+    run = Recorder()
+    run.release.clear()
+    group = GroupCommit[int, int]("t", run, concurrency=2)
+    first = asyncio.create_task(group.submit(1))
+    await run.started.wait()
+    second = asyncio.create_task(group.submit(2))
+    third = asyncio.create_task(group.submit(3))
+    for _ in range(5):  # let the submitted tasks and the batch tasks run to their waits
+        await asyncio.sleep(0)
+    assert run.batches == [[1], [2]]  # two running; 3 waits for a free slot
+    run.release.set()
+    assert await asyncio.gather(first, second, third) == [10, 20, 30]
+    assert run.batches == [[1], [2], [3]]
+
+
+@pytest.mark.parametrize("bad", [{"max_batch": 0}, {"concurrency": 0}])
+async def test_max_batch_and_concurrency_must_be_positive(bad: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        GroupCommit[int, int]("t", Recorder(), **bad)
