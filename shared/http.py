@@ -116,6 +116,7 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
 
     Tracing is configured here, once per process, from the ``OTEL_*`` variables.
     """
+    import gc
     import signal
 
     import uvicorn
@@ -124,6 +125,10 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown; with a no-op
     # Python handler in place that re-raise does not kill us, so a drained exit is 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    # The modules, settings and app built so far live as long as the process: keep them out
+    # of the cyclic collector's full scans (one took ~65 ms here, a pause every message
+    # in flight would wait out).
+    gc.freeze()
     uvicorn.run(
         app,
         host=settings.http_host,
