@@ -44,7 +44,12 @@ def build(settings: OrganizationsSettings) -> tuple[ServiceRuntime, FastAPI]:
         indexes=INDEXES,
         publishes=(OrganizationCreated.event_type, OrganizationProvisioned.event_type),
     )
-    organizations = SignupOrganizations(runtime, settings.policy())
+    organizations = SignupOrganizations(
+        runtime,
+        settings.policy(),
+        batch_max=settings.provision_batch_max,
+        batch_concurrency=settings.provision_batch_concurrency,
+    )
     runtime.subscribe(
         USERS_QUEUE,
         {

@@ -11,7 +11,6 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
-from services.organizations import SERVICE
 from services.organizations.domain import (
     Organization,
     Provisioning,
@@ -22,15 +21,15 @@ from services.organizations.domain import (
     plan_workspace,
     slug_candidates,
 )
-from services.organizations.repository import OrganizationOfUser, OrganizationsRepository
-from shared.consumer import PermanentError
-from shared.contracts import (
-    Event,
-    OrganizationCreated,
-    OrganizationProvisioned,
-    UserEmailVerified,
-    UserSignedUp,
+from services.organizations.provision_batch import (
+    ProvisionBatches,
+    UserEvent,
+    provisioning_events,
 )
+from services.organizations.repository import OrganizationOfUser, OrganizationsRepository
+from shared.batching import GroupCommit
+from shared.consumer import PermanentError
+from shared.contracts import Event, UserEmailVerified, UserSignedUp
 from shared.envelope import Envelope
 from shared.mongo import Document, is_duplicate_key
 from shared.outbox import stage_events
@@ -61,22 +60,45 @@ class SignupOrganizations:
             OrganizationsRepository
         ),
         random_suffix: Callable[[], str] = random_slug_suffix,
+        batch_max: int = 64,
+        batch_concurrency: int = 4,
     ) -> None:
         self._runtime = runtime
         self._policy = policy
         self._repository = repository
         self._random_suffix = random_suffix
+        # The message handlers' work, batched when events arrive together (provision_batch.py).
+        self._batches = GroupCommit[UserEvent, Provisioning](
+            "organizations-provision",
+            ProvisionBatches(self).run,
+            max_batch=batch_max,
+            concurrency=batch_concurrency,
+        )
 
     @property
-    def _repo(self) -> OrganizationsRepository:
+    def runtime(self) -> ServiceRuntime:
+        return self._runtime
+
+    @property
+    def policy(self) -> ProvisioningPolicy:
+        return self._policy
+
+    @property
+    def random_suffix(self) -> Callable[[], str]:
+        return self._random_suffix
+
+    @property
+    def repository(self) -> OrganizationsRepository:
         return self._repository(self._runtime.db)  # the database exists once the runtime started
 
     # -- message handlers (the kit's signature) ---------------------------------------------
     async def on_user_signed_up(self, event: Event, envelope: Envelope) -> None:
-        await self.signed_up(_expect(event, UserSignedUp), envelope)
+        item = UserEvent(_expect(event, UserSignedUp), envelope)
+        log_handled(envelope, await self._batches.submit(item))
 
     async def on_user_email_verified(self, event: Event, envelope: Envelope) -> None:
-        await self.email_verified(_expect(event, UserEmailVerified), envelope)
+        item = UserEvent(_expect(event, UserEmailVerified), envelope)
+        log_handled(envelope, await self._batches.submit(item))
 
     # -- use cases ----------------------------------------------------------------------------
     async def signed_up(self, signup: UserSignedUp, envelope: Envelope) -> Provisioning:
@@ -92,21 +114,29 @@ class SignupOrganizations:
 
     async def provision(self, envelope: Envelope, record_fact: RecordFact) -> Provisioning:
         """Record the user fact and run the signup rules, committed with their events."""
-        repo = self._repo
+        result = await self._provision(envelope, record_fact)
+        log_handled(envelope, result)
+        return result
+
+    async def provision_alone(self, item: UserEvent) -> Provisioning:
+        """The single path for one message of a batch (its handler logs the outcome)."""
+        event = item.event
+        if isinstance(event, UserSignedUp):
+            return await self._provision(
+                item.envelope, lambda repo, session: repo.record_signup(session, event)
+            )
+        return await self._provision(
+            item.envelope, lambda repo, session: repo.record_email_verified(session, event.user_id)
+        )
+
+    async def _provision(self, envelope: Envelope, record_fact: RecordFact) -> Provisioning:
+        repo = self.repository
 
         async def work(session: AsyncClientSession) -> Provisioning:
             user = await record_fact(repo, session)
             return await self.handle_signup_organization(repo, session, user, envelope)
 
-        result = await self._commit(work)
-        log.info(
-            "signup organization handled",
-            **envelope.log_context(),
-            outcome=result.outcome,
-            organization_id=result.organization.id if result.organization else None,
-            suggested_join=result.suggested_join.organization_id if result.suggested_join else None,
-        )
-        return result
+        return await self._commit(work)
 
     async def _commit(self, work: Callable[[AsyncClientSession], Awaitable[T]]) -> T:
         for attempt in range(1, COMMIT_ATTEMPTS):
@@ -155,24 +185,27 @@ class SignupOrganizations:
         *,
         created: bool,
     ) -> None:
-        events: list[Event] = []
-        if created:
-            events.append(
-                OrganizationCreated(organization_id=organization.id, plan_id=organization.plan_id)
-            )
-        events.append(
-            OrganizationProvisioned(user_id=user.user_id, organization_id=organization.id)
-        )
         await stage_events(
             self._runtime.db,
             session,
-            [cause.caused(event, source=SERVICE) for event in events],
+            provisioning_events(cause, user.user_id, organization, created=created),
             aggregate_id=organization.id,
         )
 
     # -- queries ----------------------------------------------------------------------------
     async def organization_of_user(self, user_id: str) -> OrganizationOfUser | None:
-        return await self._repo.organization_of_user(user_id)
+        return await self.repository.organization_of_user(user_id)
+
+
+def log_handled(envelope: Envelope, result: Provisioning) -> None:
+    """The one log line per handled user event, with its outcome."""
+    log.info(
+        "signup organization handled",
+        **envelope.log_context(),
+        outcome=result.outcome,
+        organization_id=result.organization.id if result.organization else None,
+        suggested_join=result.suggested_join.organization_id if result.suggested_join else None,
+    )
 
 
 def _expect(event: Event, model: type[E]) -> E:

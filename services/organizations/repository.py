@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bson import ObjectId
-from pymongo import ASCENDING, IndexModel, ReturnDocument
+from pymongo import ASCENDING, IndexModel, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -20,7 +20,7 @@ from services.organizations.domain import (
     User,
     WorkspacePlan,
 )
-from shared.contracts import UserSignedUp
+from shared.contracts import UserEmailVerified, UserSignedUp
 from shared.mongo import Document
 
 USERS = "users"
@@ -66,17 +66,7 @@ class OrganizationsRepository:
     async def record_signup(self, session: AsyncClientSession, event: UserSignedUp) -> User:
         doc = await self._users.find_one_and_update(
             {"_id": event.user_id},
-            {
-                "$set": {
-                    "email": event.email,
-                    "first_name": event.first_name,
-                    "last_name": event.last_name,
-                    "updated_at": datetime.now(UTC),
-                },
-                # A verification seen before (or with) this signup is never undone.
-                "$max": {"email_verified": event.email_verified},
-                "$inc": {"version": 1},
-            },
+            _user_fact_update(event, datetime.now(UTC)),
             upsert=True,
             return_document=ReturnDocument.AFTER,
             session=session,
@@ -86,15 +76,26 @@ class OrganizationsRepository:
     async def record_email_verified(self, session: AsyncClientSession, user_id: str) -> User:
         doc = await self._users.find_one_and_update(
             {"_id": user_id},
-            {
-                "$set": {"email_verified": True, "updated_at": datetime.now(UTC)},
-                "$inc": {"version": 1},
-            },
+            _user_fact_update(UserEmailVerified(user_id=user_id), datetime.now(UTC)),
             upsert=True,
             return_document=ReturnDocument.AFTER,
             session=session,
         )
         return _user(doc)
+
+    async def record_user_facts(
+        self, session: AsyncClientSession, events: Sequence[UserSignedUp | UserEmailVerified]
+    ) -> dict[str, User]:
+        """``record_signup`` / ``record_email_verified`` for many users (at most one event
+        each) in two round trips: the writes, then the users read back."""
+        now = datetime.now(UTC)
+        await self._users.bulk_write(
+            [UpdateOne({"_id": e.user_id}, _user_fact_update(e, now), upsert=True) for e in events],
+            ordered=False,
+            session=session,
+        )
+        docs = self._users.find({"_id": {"$in": [e.user_id for e in events]}}, session=session)
+        return {doc["_id"]: _user(doc) async for doc in docs}
 
     async def set_current_organization(
         self,
@@ -103,14 +104,27 @@ class OrganizationsRepository:
         organization_id: str,
         suggested_join: SuggestedJoin | None,
     ) -> None:
-        hint = None
-        if suggested_join is not None:
-            hint = {"organization_id": suggested_join.organization_id, "name": suggested_join.name}
         await self._users.update_one(
             {"_id": user_id},
-            {"$set": {"current_organization_id": organization_id, "suggested_join": hint}},
+            _current_organization_update(organization_id, suggested_join),
             session=session,
         )
+
+    async def set_current_organizations(
+        self,
+        session: AsyncClientSession,
+        changes: Sequence[tuple[str, str, SuggestedJoin | None]],
+    ) -> None:
+        """``set_current_organization`` for many (user, organization, hint) in one round trip."""
+        if changes:
+            await self._users.bulk_write(
+                [
+                    UpdateOne({"_id": user_id}, _current_organization_update(org_id, hint))
+                    for user_id, org_id, hint in changes
+                ],
+                ordered=False,
+                session=session,
+            )
 
     # -- organizations and memberships --------------------------------------------------
     async def active_organization(
@@ -126,9 +140,46 @@ class OrganizationsRepository:
         )
         if not memberships:
             return None
-        current = user.current_organization_id
-        chosen = next((m for m in memberships if m["organization_id"] == current), memberships[0])
+        chosen = _chosen_membership(memberships, user.current_organization_id)
         return await self.organization(chosen["organization_id"], session=session)
+
+    async def active_organizations(
+        self, session: AsyncClientSession, users: Sequence[User]
+    ) -> dict[str, Organization]:
+        """``active_organization`` of many users in one round trip (user id -> organization;
+        users without one are absent)."""
+        if not users:
+            return {}
+        cursor = await self._memberships.aggregate(
+            [
+                {
+                    "$match": {
+                        "user_id": {"$in": [u.user_id for u in users]},
+                        "status": MEMBERSHIP_ACTIVE,
+                    }
+                },
+                {"$sort": {"created_at": 1, "_id": 1}},
+                {
+                    "$lookup": {
+                        "from": ORGANIZATIONS,
+                        "localField": "organization_id",
+                        "foreignField": "_id",
+                        "as": "organization",
+                    }
+                },
+            ],
+            session=session,
+        )
+        memberships: dict[str, list[Document]] = {}
+        async for row in cursor:
+            memberships.setdefault(row["user_id"], []).append(row)
+        found: dict[str, Organization] = {}
+        for user in users:
+            if user.user_id in memberships:
+                chosen = _chosen_membership(memberships[user.user_id], user.current_organization_id)
+                if chosen["organization"]:  # as on the single path: a lost organization is none
+                    found[user.user_id] = _organization(chosen["organization"][0])
+        return found
 
     async def organization(
         self, organization_id: str, *, session: AsyncClientSession | None = None
@@ -147,6 +198,31 @@ class OrganizationsRepository:
         )
         return SuggestedJoin(organization_id=doc["_id"], name=doc["name"]) if doc else None
 
+    async def oldest_with_domains(
+        self, session: AsyncClientSession, domains: Sequence[str]
+    ) -> dict[str, SuggestedJoin]:
+        """``oldest_with_domain`` for many domains in one round trip (domain -> oldest)."""
+        if not domains:
+            return {}
+        cursor = await self._organizations.aggregate(
+            [
+                {"$match": {"domain": {"$in": list(domains)}}},
+                {"$sort": {"domain": 1, "created_at": 1, "_id": 1}},
+                {
+                    "$group": {
+                        "_id": "$domain",
+                        "organization_id": {"$first": "$_id"},
+                        "name": {"$first": "$name"},
+                    }
+                },
+            ],
+            session=session,
+        )
+        return {
+            row["_id"]: SuggestedJoin(organization_id=row["organization_id"], name=row["name"])
+            async for row in cursor
+        }
+
     async def taken_slugs(self, session: AsyncClientSession, slugs: Sequence[str]) -> set[str]:
         docs = self._organizations.find(
             {"slug": {"$in": list(slugs)}}, projection={"slug": 1}, session=session
@@ -157,34 +233,34 @@ class OrganizationsRepository:
         self, session: AsyncClientSession, plan: WorkspacePlan, slug: str, owner_id: str
     ) -> Organization:
         """A new free organization with ``owner_id`` as its active owner."""
+        organization = new_organization(plan, slug)
         now = datetime.now(UTC)
-        organization = Organization(
-            id=str(ObjectId()), name=plan.name, slug=slug, domain=plan.domain, plan_id=PLAN_FREE
-        )
         await self._organizations.insert_one(
-            {
-                "_id": organization.id,
-                "name": organization.name,
-                "slug": organization.slug,
-                "domain": organization.domain,
-                "plan_id": organization.plan_id,
-                "created_by": owner_id,
-                "created_at": now,
-            },
-            session=session,
+            _organization_document(organization, owner_id, now), session=session
         )
         await self._memberships.insert_one(
-            {
-                "_id": str(ObjectId()),
-                "user_id": owner_id,
-                "organization_id": organization.id,
-                "role": ROLE_OWNER,
-                "status": MEMBERSHIP_ACTIVE,
-                "created_at": now,
-            },
-            session=session,
+            _owner_membership(organization, owner_id, now), session=session
         )
         return organization
+
+    async def create_workspaces(
+        self, session: AsyncClientSession, workspaces: Sequence[tuple[Organization, str]]
+    ) -> None:
+        """``create_workspace`` for many (organization, owner id) in two round trips; one
+        creation time, so the organizations' ids (increasing) order them as created."""
+        if not workspaces:
+            return
+        now = datetime.now(UTC)
+        await self._organizations.insert_many(
+            [_organization_document(org, owner, now) for org, owner in workspaces],
+            ordered=True,
+            session=session,
+        )
+        await self._memberships.insert_many(
+            [_owner_membership(org, owner, now) for org, owner in workspaces],
+            ordered=True,
+            session=session,
+        )
 
     # -- read side ----------------------------------------------------------------------
     async def organization_of_user(self, user_id: str) -> OrganizationOfUser | None:
@@ -204,6 +280,67 @@ class OrganizationsRepository:
             role=membership["role"],
             suggested_join=SuggestedJoin(**hint) if hint else None,
         )
+
+
+def new_organization(plan: WorkspacePlan, slug: str) -> Organization:
+    """A new free organization (not written yet) with a fresh id."""
+    return Organization(
+        id=str(ObjectId()), name=plan.name, slug=slug, domain=plan.domain, plan_id=PLAN_FREE
+    )
+
+
+def _user_fact_update(event: UserSignedUp | UserEmailVerified, now: datetime) -> Document:
+    # Both bump `version`: concurrent transactions for one user conflict on this document.
+    if isinstance(event, UserEmailVerified):
+        return {"$set": {"email_verified": True, "updated_at": now}, "$inc": {"version": 1}}
+    return {
+        "$set": {
+            "email": event.email,
+            "first_name": event.first_name,
+            "last_name": event.last_name,
+            "updated_at": now,
+        },
+        # A verification seen before (or with) this signup is never undone.
+        "$max": {"email_verified": event.email_verified},
+        "$inc": {"version": 1},
+    }
+
+
+def _current_organization_update(
+    organization_id: str, suggested_join: SuggestedJoin | None
+) -> Document:
+    hint = None
+    if suggested_join is not None:
+        hint = {"organization_id": suggested_join.organization_id, "name": suggested_join.name}
+    return {"$set": {"current_organization_id": organization_id, "suggested_join": hint}}
+
+
+def _chosen_membership(memberships: Sequence[Document], current: str | None) -> Document:
+    """The membership of the current organization if active, else the oldest active one."""
+    return next((m for m in memberships if m["organization_id"] == current), memberships[0])
+
+
+def _organization_document(organization: Organization, owner_id: str, now: datetime) -> Document:
+    return {
+        "_id": organization.id,
+        "name": organization.name,
+        "slug": organization.slug,
+        "domain": organization.domain,
+        "plan_id": organization.plan_id,
+        "created_by": owner_id,
+        "created_at": now,
+    }
+
+
+def _owner_membership(organization: Organization, owner_id: str, now: datetime) -> Document:
+    return {
+        "_id": str(ObjectId()),
+        "user_id": owner_id,
+        "organization_id": organization.id,
+        "role": ROLE_OWNER,
+        "status": MEMBERSHIP_ACTIVE,
+        "created_at": now,
+    }
 
 
 def _user(doc: Document | None) -> User:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from services.organizations.domain import ProvisioningPolicy, parse_domain_list
@@ -22,6 +22,24 @@ class OrganizationsSettings(ServiceSettings):
     organizations_domain_matching: bool = True
     # Comma-separated text or a JSON list, added to the built-in public providers.
     organizations_extra_public_domains: Annotated[frozenset[str], NoDecode] = frozenset()
+    provision_batch_max: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="most user events provisioned in one transaction (those that arrive "
+        "together; 1 at low load); the prefetch bounds it too",
+    )
+    provision_batch_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="provisioning batches in flight at once (each its own transaction)",
+    )
+    prefetch: int = Field(
+        default=256,
+        ge=1,
+        description="unacked messages on the users queue: the events one batch can gather",
+    )
 
     @field_validator("organizations_extra_public_domains", mode="before")
     @classmethod

@@ -37,3 +37,18 @@ def test_switches_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     policy = OrganizationsSettings().policy()
     assert not policy.requires_verified_email
     assert not policy.domain_matching
+
+
+def test_user_events_are_batched_by_default_with_a_prefetch_to_gather_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("PROVISION_BATCH_MAX", "PROVISION_BATCH_CONCURRENCY", "PREFETCH"):
+        monkeypatch.delenv(f"GRANTWIRE_{name}", raising=False)
+    settings = OrganizationsSettings()
+    assert (settings.provision_batch_max, settings.provision_batch_concurrency) == (64, 4)
+    assert settings.prefetch == 256
+
+    monkeypatch.setenv("GRANTWIRE_PROVISION_BATCH_MAX", "1")
+    monkeypatch.setenv("GRANTWIRE_PREFETCH", "32")
+    settings = OrganizationsSettings()
+    assert (settings.provision_batch_max, settings.prefetch) == (1, 32)
