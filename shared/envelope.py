@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry.context import Context
+
 from shared import tracing
 from shared.contracts import Event
 
@@ -58,10 +60,12 @@ class Envelope:
         correlation_id: str | None = None,
         causation_id: str | None = None,
         event_id: str | None = None,
+        trace_context: Context | None = None,
     ) -> Envelope:
         """Wrap an event; a new chain gets its own id as correlation id.
 
-        The envelope carries the current trace context (when there is one).
+        The envelope carries ``trace_context``, or else the current trace context (when
+        there is one).
         """
         event_id = event_id or str(uuid.uuid4())
         return cls(
@@ -73,13 +77,23 @@ class Envelope:
             correlation_id=correlation_id or event_id,
             causation_id=causation_id,
             body=event.model_dump_json().encode(),
-            extra_headers=tracing.trace_headers(),
+            extra_headers=tracing.trace_headers(trace_context),
         )
 
-    def caused(self, event: Event, *, source: str) -> Envelope:
-        """An envelope for an event caused by this one (same correlation id, origin time)."""
+    def caused(
+        self, event: Event, *, source: str, trace_context: Context | None = None
+    ) -> Envelope:
+        """An envelope for an event caused by this one (same correlation id, origin time).
+
+        ``trace_context``: the trace it continues, when the work runs outside the context
+        that handled this one (a batch); by default the current context.
+        """
         envelope = Envelope.new(
-            event, source=source, correlation_id=self.correlation_id, causation_id=self.id
+            event,
+            source=source,
+            correlation_id=self.correlation_id,
+            causation_id=self.id,
+            trace_context=trace_context,
         )
         origin = {H_ORIGIN_TIME: self.origin_time().isoformat()}
         return replace(envelope, extra_headers={**envelope.extra_headers, **origin})

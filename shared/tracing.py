@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
@@ -59,6 +60,24 @@ def tracer() -> trace.Tracer:
 def context_from_headers(headers: Mapping[str, Any] | None) -> Context:
     """The trace context a message carries (empty when it carries none)."""
     return propagate.extract(headers or {}, getter=_GETTER)
+
+
+def current_context() -> Context:
+    """The current trace context, to carry into work that runs elsewhere (a batch)."""
+    return otel_context.get_current()
+
+
+@contextmanager
+def attached(context: Context | None) -> Iterator[None]:
+    """Run a block in ``context`` (a handler's, carried into a batch); as is when None."""
+    if context is None:
+        yield
+        return
+    token = otel_context.attach(context)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def trace_headers(context: Context | None = None) -> dict[str, str]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from opentelemetry.context import Context
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.billing import SERVICE
@@ -40,6 +41,7 @@ from services.billing.domain import (
     users_to_resolve,
 )
 from services.billing.repository import BillingStore
+from shared import tracing
 from shared.contracts import CreditsGranted
 from shared.envelope import Envelope
 
@@ -52,6 +54,7 @@ class AcceptedReferral:
     invited_by: str | None
     accepted_user_id: str | None
     cause: Envelope | None = None
+    trace: Context | None = None  # the handler's trace context: the credits continue it
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class ProvisionedUser:
     organization_id: str
     provisioned_at: datetime
     cause: Envelope | None = None
+    trace: Context | None = None
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,12 @@ class CreatedOrganization:
     organization_id: str
     plan_id: str
     cause: Envelope | None = None
+    trace: Context | None = None
 
 
 GrantWork = AcceptedReferral | ProvisionedUser | CreatedOrganization
+# A grant, the envelope of the event that caused it, and that handler's trace context.
+CausedGrant = tuple[Grant, Envelope | None, Context | None]
 # What each kind of work returns: a GrantResult, one per open referral, a signup outcome.
 WorkResult = GrantResult | list[GrantResult] | str
 
@@ -95,7 +102,7 @@ class BillingCore(Protocol):
     def signup_grant_of(self, organization_id: str, plan_id: str) -> Grant | None: ...
 
     async def apply_batch(
-        self, grants: Sequence[tuple[Grant, Envelope | None]], sides: SidesWriter
+        self, grants: Sequence[CausedGrant], sides: SidesWriter
     ) -> dict[str, bool]: ...
 
     async def grant_for_invitation(
@@ -127,8 +134,13 @@ class _Plan:
 
     referrals: dict[str, Referral]
     decisions: dict[str, GrantDecision]
-    grants: list[tuple[Grant, Envelope | None]]
+    grants: list[CausedGrant]
     signups: dict[int, Grant | None]  # item index -> its signup grant (None: the plan has none)
+
+
+def caused(grant: Grant, work: GrantWork | None) -> CausedGrant:
+    """A grant with the event that caused it and the trace its credit continues."""
+    return (grant, work.cause, work.trace) if work else (grant, None, None)
 
 
 def entry_is_valid(grant: Grant) -> Grant:
@@ -136,7 +148,9 @@ def entry_is_valid(grant: Grant) -> Grant:
     return grant
 
 
-def credits_granted(grant: Grant, balance: int, cause: Envelope | None) -> Envelope:
+def credits_granted(
+    grant: Grant, balance: int, cause: Envelope | None, trace: Context | None = None
+) -> Envelope:
     """The ``billing.credits_granted`` envelope of an applied grant."""
     event = CreditsGranted(
         organization_id=grant.organization_id,
@@ -148,7 +162,9 @@ def credits_granted(grant: Grant, balance: int, cause: Envelope | None) -> Envel
         invitation_id=grant.invitation_id,
         side=grant.side,
     )
-    return cause.caused(event, source=SERVICE) if cause else Envelope.new(event, source=SERVICE)
+    if cause is None:
+        return Envelope.new(event, source=SERVICE, trace_context=trace)
+    return cause.caused(event, source=SERVICE, trace_context=trace)
 
 
 def referral_users(referral: Referral) -> tuple[str | None, str | None]:
@@ -181,20 +197,25 @@ class GrantBatches:
         """The single path, for one item of a batch that failed as a whole."""
         billing = self._billing
         try:
-            if isinstance(item, AcceptedReferral):
-                return await billing.grant_for_invitation(
-                    item.invitation_id, item.invited_by, item.accepted_user_id, cause=item.cause
-                )
-            if isinstance(item, ProvisionedUser):
-                return await billing.grant_for_provisioned(
-                    item.user_id,
-                    item.organization_id,
-                    provisioned_at=item.provisioned_at,
-                    cause=item.cause,
-                )
-            return await billing.grant_signup(item.organization_id, item.plan_id, cause=item.cause)
+            with tracing.attached(item.trace):
+                return await self._alone(billing, item)
         except Exception as exc:
             return exc
+
+    @staticmethod
+    async def _alone(billing: BillingCore, item: GrantWork) -> WorkResult:
+        if isinstance(item, AcceptedReferral):
+            return await billing.grant_for_invitation(
+                item.invitation_id, item.invited_by, item.accepted_user_id, cause=item.cause
+            )
+        if isinstance(item, ProvisionedUser):
+            return await billing.grant_for_provisioned(
+                item.user_id,
+                item.organization_id,
+                provisioned_at=item.provisioned_at,
+                cause=item.cause,
+            )
+        return await billing.grant_signup(item.organization_id, item.plan_id, cause=item.cause)
 
     async def _run_batch(self, items: Sequence[GrantWork]) -> list[WorkResult]:
         billing = self._billing
@@ -261,14 +282,14 @@ class GrantBatches:
             invitation_id: decide_grants(config, referral, organizations, now)
             for invitation_id, referral in referrals.items()
         }
-        grants: list[tuple[Grant, Envelope | None]] = []
+        grants: list[CausedGrant] = []
         seen: set[str] = set()
         for invitation_id, decision in decisions.items():
             cause = self._cause_of(referrals[invitation_id], items)
             for grant in decision.grants:
                 if grant.ref_id not in seen:
                     seen.add(grant.ref_id)
-                    grants.append((entry_is_valid(grant), cause))
+                    grants.append(caused(entry_is_valid(grant), cause))
         signups: dict[int, Grant | None] = {}
         for index, item in enumerate(items):
             if isinstance(item, CreatedOrganization):
@@ -276,17 +297,17 @@ class GrantBatches:
                 signups[index] = signup
                 if signup is not None and signup.ref_id not in seen:
                     seen.add(signup.ref_id)
-                    grants.append((entry_is_valid(signup), item.cause))
+                    grants.append(caused(entry_is_valid(signup), item))
         return _Plan(referrals, decisions, grants, signups)
 
     @staticmethod
-    def _cause_of(referral: Referral, items: Sequence[GrantWork]) -> Envelope | None:
-        """The envelope of the first event of the batch that asked for this referral."""
+    def _cause_of(referral: Referral, items: Sequence[GrantWork]) -> GrantWork | None:
+        """The first event of the batch that asked for this referral."""
         for item in items:
             if isinstance(item, AcceptedReferral) and item.invitation_id == referral.invitation_id:
-                return item.cause
+                return item
             if isinstance(item, ProvisionedUser) and item.user_id in referral_users(referral):
-                return item.cause
+                return item
         return None
 
     @staticmethod

@@ -40,6 +40,7 @@ from services.billing.domain import (
 )
 from services.billing.grant_batch import (
     AcceptedReferral,
+    CausedGrant,
     CreatedOrganization,
     GrantBatches,
     GrantWork,
@@ -50,6 +51,7 @@ from services.billing.grant_batch import (
 )
 from services.billing.repository import BillingStore, entry_document
 from services.billing.settings import BillingSettings
+from shared import tracing
 from shared.batching import GroupCommit
 from shared.consumer import Handler
 from shared.contracts import (
@@ -192,7 +194,11 @@ class Billing:
         assert isinstance(event, InvitationAccepted)
         result = await self._submit(
             AcceptedReferral(
-                event.invitation_id, event.invited_by, event.accepted_user_id, cause=envelope
+                event.invitation_id,
+                event.invited_by,
+                event.accepted_user_id,
+                cause=envelope,
+                trace=tracing.current_context(),
             ),
             GrantResult,
         )
@@ -208,7 +214,13 @@ class Billing:
     async def on_organization_provisioned(self, event: Event, envelope: Envelope) -> None:
         assert isinstance(event, OrganizationProvisioned)
         results = await self._submit(
-            ProvisionedUser(event.user_id, event.organization_id, envelope.time, cause=envelope),
+            ProvisionedUser(
+                event.user_id,
+                event.organization_id,
+                envelope.time,
+                cause=envelope,
+                trace=tracing.current_context(),
+            ),
             list[GrantResult],
         )
         for side in (s for r in results for s in r.sides):
@@ -225,7 +237,13 @@ class Billing:
     async def on_organization_created(self, event: Event, envelope: Envelope) -> None:
         assert isinstance(event, OrganizationCreated)
         outcome = await self._submit(
-            CreatedOrganization(event.organization_id, event.plan_id, cause=envelope), str
+            CreatedOrganization(
+                event.organization_id,
+                event.plan_id,
+                cause=envelope,
+                trace=tracing.current_context(),
+            ),
+            str,
         )
         count_grant("none", "signup_grant", outcome)
         log.info(
@@ -346,7 +364,7 @@ class Billing:
         return True
 
     async def apply_batch(
-        self, grants: Sequence[tuple[Grant, Envelope | None]], sides: SidesWriter
+        self, grants: Sequence[CausedGrant], sides: SidesWriter
     ) -> dict[str, bool]:
         """Apply many grants in one transaction, with the side outcomes ``sides`` writes;
         ``{ref_id: applied}`` (False: the key was in the ledger already, a duplicate).
@@ -361,27 +379,27 @@ class Billing:
             return {}
 
         async def work(session: AsyncClientSession) -> dict[str, bool]:
-            held = await store.existing_keys(session, [g.ref_id for g, _ in grants])
-            fresh = [(g, cause) for g, cause in grants if g.ref_id not in held]
+            held = await store.existing_keys(session, [g.ref_id for g, _, _ in grants])
+            fresh = [caused for caused in grants if caused[0].ref_id not in held]
             at = self._clock()
             balances = await store.append_entries(
-                session, [entry_document(g, at=at) for g, _ in fresh]
+                session, [entry_document(g, at=at) for g, _, _ in fresh]
             )
             await stage_event_batch(
                 store.db,
                 session,
                 [
-                    (credits_granted(g, balance, cause), g.organization_id)
-                    for (g, cause), balance in zip(fresh, balances, strict=True)
+                    (credits_granted(g, balance, cause, trace), g.organization_id)
+                    for (g, cause, trace), balance in zip(fresh, balances, strict=True)
                 ],
             )
-            applied = {g.ref_id: g.ref_id not in held for g, _ in grants}
+            applied = {g.ref_id: g.ref_id not in held for g, _, _ in grants}
             await sides(session, applied)
             return applied
 
-        async with self._account_lock.all_of([g.organization_id for g, _ in grants]):
+        async with self._account_lock.all_of([g.organization_id for g, _, _ in grants]):
             applied = await self._database.commit(work)
-        for grant, cause in grants:
+        for grant, cause, _ in grants:
             if applied[grant.ref_id]:
                 observe_credit_latency(grant, cause)
         return applied
