@@ -27,6 +27,7 @@ from services.organizations.provision_batch import (
     provisioning_events,
 )
 from services.organizations.repository import OrganizationOfUser, OrganizationsRepository
+from shared import tracing
 from shared.batching import GroupCommit
 from shared.consumer import PermanentError
 from shared.contracts import Event, UserEmailVerified, UserSignedUp
@@ -93,11 +94,11 @@ class SignupOrganizations:
 
     # -- message handlers (the kit's signature) ---------------------------------------------
     async def on_user_signed_up(self, event: Event, envelope: Envelope) -> None:
-        item = UserEvent(_expect(event, UserSignedUp), envelope)
+        item = UserEvent(_expect(event, UserSignedUp), envelope, tracing.current_context())
         log_handled(envelope, await self._batches.submit(item))
 
     async def on_user_email_verified(self, event: Event, envelope: Envelope) -> None:
-        item = UserEvent(_expect(event, UserEmailVerified), envelope)
+        item = UserEvent(_expect(event, UserEmailVerified), envelope, tracing.current_context())
         log_handled(envelope, await self._batches.submit(item))
 
     # -- use cases ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from opentelemetry.context import Context
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from services.organizations import SERVICE
@@ -40,6 +41,7 @@ from services.organizations.domain import (
     slug_candidates,
 )
 from services.organizations.repository import OrganizationsRepository, new_organization
+from shared import tracing
 from shared.contracts import (
     Event,
     OrganizationCreated,
@@ -58,6 +60,7 @@ class UserEvent:
 
     event: UserSignedUp | UserEmailVerified
     envelope: Envelope
+    trace: Context | None = None  # the handler's trace context: the events it causes continue it
 
     @property
     def user_id(self) -> str:
@@ -83,16 +86,22 @@ class OrganizationsCore(Protocol):
 
 
 def provisioning_events(
-    cause: Envelope, user_id: str, organization: Organization, *, created: bool
+    cause: Envelope,
+    user_id: str,
+    organization: Organization,
+    *,
+    created: bool,
+    trace: Context | None = None,
 ) -> list[Envelope]:
-    """``organization.created`` (for a new organization), then ``organization.provisioned``."""
+    """``organization.created`` (for a new organization), then ``organization.provisioned``;
+    in ``trace`` (by default the current trace context)."""
     events: list[Event] = []
     if created:
         events.append(
             OrganizationCreated(organization_id=organization.id, plan_id=organization.plan_id)
         )
     events.append(OrganizationProvisioned(user_id=user_id, organization_id=organization.id))
-    return [cause.caused(event, source=SERVICE) for event in events]
+    return [cause.caused(event, source=SERVICE, trace_context=trace) for event in events]
 
 
 def first_of_each_user(items: Sequence[UserEvent]) -> tuple[list[int], list[int]]:
@@ -131,7 +140,8 @@ class ProvisionBatches:
 
     async def _run_alone(self, item: UserEvent) -> Provisioning | BaseException:
         try:
-            return await self._organizations.provision_alone(item)
+            with tracing.attached(item.trace):
+                return await self._organizations.provision_alone(item)
         except Exception as exc:
             return exc
 
@@ -214,5 +224,7 @@ class ProvisionBatches:
     def _staged(
         item: UserEvent, organization: Organization, *, created: bool
     ) -> list[tuple[Envelope, str]]:
-        envelopes = provisioning_events(item.envelope, item.user_id, organization, created=created)
+        envelopes = provisioning_events(
+            item.envelope, item.user_id, organization, created=created, trace=item.trace
+        )
         return [(envelope, organization.id) for envelope in envelopes]

@@ -47,7 +47,9 @@ from tests.support import EventTap, Isolation, wait_until
 pytestmark = pytest.mark.e2e
 GRACE_S = 20.0  # the deployed default; the flush may take a third of it
 REFERRALS = 300  # x3 messages for billing: two provisioned users and the accepted invitation
-SIGNUPS = 300  # user.signed_up for organizations, each one organization and two events
+# user.signed_up for organizations, each one organization and two events; well above its
+# prefetch (256), so work is still queued at the stop
+SIGNUPS = 1000
 STOP_AFTER = 0.15  # SIGTERM once this share of the effects is committed
 
 

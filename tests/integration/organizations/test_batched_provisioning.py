@@ -19,12 +19,14 @@ from services.organizations.domain import Provisioning
 from services.organizations.handlers import SignupOrganizations
 from services.organizations.provision_batch import ProvisionBatches, UserEvent
 from services.organizations.repository import ORGANIZATIONS, OrganizationsRepository
+from shared import tracing
 from shared.contracts import (
     OrganizationCreated,
     OrganizationProvisioned,
     UserEmailVerified,
     UserSignedUp,
 )
+from shared.outbox import OUTBOX
 from shared.publisher import ConfirmingPublisher
 from tests.integration.organizations.conftest import StartService
 from tests.integration.organizations.harness import (
@@ -238,20 +240,34 @@ async def test_a_batch_that_fails_runs_each_event_alone_with_its_own_outcome(
     assert [m["user_id"] for m in await all_memberships(harness.db)] == ["u1", "u3"]
 
 
-async def test_the_message_handlers_share_batches_and_log_each_outcome(
+async def test_the_message_handlers_share_batches_and_each_event_continues_its_trace(
     start_harness: StartHarness,
 ) -> None:
     harness = await start_harness()
     use_cases = SignupOrganizations(
         harness.runtime, harness.organizations.policy, batch_max=8, batch_concurrency=1
     )
-    before = batches_seen()
     events = [signup(f"u{n}", f"ada{n}@gmail.com") for n in range(10)]
-    await asyncio.gather(*(use_cases.on_user_signed_up(e, envelope(e)) for e in events))
+    trace_of = {e.user_id: f"{n + 1:032x}" for n, e in enumerate(events)}
+
+    async def handle(event: UserSignedUp) -> None:
+        """The handler in the trace its message carried (as the consumer runs it)."""
+        header = {"traceparent": f"00-{trace_of[event.user_id]}-{1:016x}-01"}
+        with tracing.attached(tracing.context_from_headers(header)):
+            await use_cases.on_user_signed_up(event, envelope(event))
+
+    before = batches_seen()
+    await asyncio.gather(*(handle(e) for e in events))
 
     batches, items = (a - b for a, b in zip(batches_seen(), before, strict=True))
     assert items == 10 and batches < 10
-    assert len(await all_organizations(harness.db)) == 10
+    owner = {o["_id"]: o["created_by"] for o in await all_organizations(harness.db)}
+    assert len(owner) == 10
+    staged = await harness.db[OUTBOX].find().to_list()
+    assert len(staged) == 20  # created + provisioned, each in its own message's trace
+    for doc in staged:
+        trace_id = doc["extra_headers"]["traceparent"].split("-")[1]
+        assert trace_id == trace_of[owner[doc["aggregate_id"]]]
 
 
 # -- helpers -----------------------------------------------------------------------------
