@@ -50,6 +50,9 @@ class GroupCommit(Generic[I, R]):
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._concurrency = concurrency
+        # Batches run in the context of whoever built the group (the process's log context,
+        # e.g. ``service``), not in the first caller's: a batch belongs to no one message.
+        self._context = contextvars.copy_context()
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._running: dict[asyncio.Task[None], list[asyncio.Future[R]]] = {}
 
@@ -80,9 +83,8 @@ class GroupCommit(Generic[I, R]):
             if not batch:
                 continue
             BATCH_SIZE.labels(self.name).observe(len(batch))
-            # A clean context: the batch belongs to no single message's trace or log context.
             task = asyncio.create_task(
-                self._run(batch), name=f"group-commit:{self.name}", context=contextvars.Context()
+                self._run(batch), name=f"group-commit:{self.name}", context=self._context.copy()
             )
             self._running[task] = [future for _, future in batch]
             task.add_done_callback(self._finished)

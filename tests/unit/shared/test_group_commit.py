@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Sequence
 
 import pytest
@@ -139,3 +140,22 @@ async def test_with_concurrency_two_a_second_batch_starts_while_the_first_runs()
 async def test_max_batch_and_concurrency_must_be_positive(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         GroupCommit[int, int]("t", Recorder(), **bad)
+
+
+async def test_batches_run_in_the_builders_context_not_the_first_callers() -> None:
+    where: contextvars.ContextVar[str] = contextvars.ContextVar("where", default="-")
+    seen: list[str] = []
+
+    async def record(items: Sequence[int]) -> list[int | BaseException]:
+        seen.append(where.get())
+        return list(items)
+
+    where.set("process")  # e.g. the log context's service
+    group = GroupCommit[int, int]("t", record)
+
+    async def caller() -> int:
+        where.set("message 1")  # e.g. one message's trace
+        return await group.submit(1)
+
+    assert await asyncio.create_task(caller()) == 1
+    assert seen == ["process"]
