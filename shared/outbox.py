@@ -335,7 +335,12 @@ class OutboxRelay:
         """Wake the relay on inserts; polling covers the gaps when the stream fails."""
         while not self._stopping.is_set():
             try:
-                pipeline = [{"$match": {"operationType": "insert"}}]
+                # Only that something was inserted matters: the server sends the change's id
+                # (its resume token), not the whole document with its body.
+                pipeline: list[dict[str, Any]] = [
+                    {"$match": {"operationType": "insert"}},
+                    {"$project": {"_id": 1}},
+                ]
                 async with await self._db[OUTBOX].watch(pipeline) as stream:
                     async for _change in stream:
                         self._wake.set()
