@@ -127,9 +127,21 @@ def dead_letter_document(message: AbstractIncomingMessage, *, service: str) -> D
     headers: dict[str, Any] = _plain(dict(message.headers or {}))
     deaths = headers.get("x-death") or []
     broker_death = deaths[0] if deaths else {}
-    reason = headers.get(H_REASON) or (f"broker:{broker_death['reason']}" if deaths else "unknown")
+    # A letter the broker dead-lettered (it has ``x-death``) was never through the consumer's
+    # dead-letter path, so its failure headers are a publisher's claims: where it came from,
+    # why and how often it failed are the broker's record. A letter the consumer
+    # dead-lettered has no ``x-death`` (the consumer strips it) and its headers are ours.
+    failure = {} if deaths else headers
+    if deaths:
+        reason = f"broker:{broker_death.get('reason', 'unknown')}"
+        original_exchange = str(broker_death.get("exchange") or "")
+        original_routing_key = str((broker_death.get("routing-keys") or [""])[0])
+    else:
+        reason = str(failure.get(H_REASON) or "unknown")
+        original_exchange = str(failure.get(H_ORIGINAL_EXCHANGE) or "")
+        original_routing_key = str(failure.get(H_ORIGINAL_ROUTING_KEY) or "")
     failed_at = (
-        _parse_time(headers.get(H_LAST_FAILURE_AT))
+        _parse_time(failure.get(H_LAST_FAILURE_AT))
         or _parse_time(broker_death.get("time"))
         or datetime.now(UTC)
     )
@@ -147,15 +159,13 @@ def dead_letter_document(message: AbstractIncomingMessage, *, service: str) -> D
         "service": service,
         "event_type": message.type or headers.get("cloudEvents:type") or "unknown",
         "correlation_id": message.correlation_id or headers.get(H_CORRELATION_ID),
-        "original_exchange": headers.get(H_ORIGINAL_EXCHANGE)
-        or (broker_death.get("exchange") if deaths else ""),
-        "original_routing_key": headers.get(H_ORIGINAL_ROUTING_KEY)
-        or ((broker_death.get("routing-keys") or [""])[0] if deaths else ""),
+        "original_exchange": original_exchange,
+        "original_routing_key": original_routing_key,
         "reason": reason,
-        "error_type": headers.get(H_ERROR_TYPE) or reason,
-        "error_message": headers.get(H_ERROR_MESSAGE, ""),
-        "attempts": int(headers.get(H_ATTEMPTS) or broker_death.get("count") or 0),
-        "first_failure_at": _parse_time(headers.get(H_FIRST_FAILURE_AT)) or failed_at,
+        "error_type": failure.get(H_ERROR_TYPE) or reason,
+        "error_message": failure.get(H_ERROR_MESSAGE, ""),
+        "attempts": int(failure.get(H_ATTEMPTS) or broker_death.get("count") or 0),
+        "first_failure_at": _parse_time(failure.get(H_FIRST_FAILURE_AT)) or failed_at,
         "failed_at": failed_at,
         "received_at": datetime.now(UTC),
         "status": "dead",

@@ -15,7 +15,15 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pymongo import ASCENDING, AsyncMongoClient
 
-from shared.consumer import H_LAST_FAILURE_AT, H_LETTER_ID, H_REASON, PermanentError
+from shared.consumer import (
+    H_ATTEMPTS,
+    H_LAST_FAILURE_AT,
+    H_LETTER_ID,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_REASON,
+    PermanentError,
+)
 from shared.contracts import Event, UserSignedUp
 from shared.deadletters import (
     DEAD_LETTERS,
@@ -117,7 +125,15 @@ async def test_a_letter_the_broker_dead_letters_gets_one_derived_id_for_all_its_
     work = await declare_work_queue(channel, isolation.naming, WORK, retry, delivery_limit=1)
     dlq = await channel.get_queue(WORK.dlq_name(isolation.naming))
     message = to_message(Envelope.new(signup(), source="tests"))
-    message.headers = {**message.headers, H_LETTER_ID: "claimed-by-the-publisher"}
+    message.headers = {
+        **message.headers,
+        H_LETTER_ID: "claimed-by-the-publisher",
+        # a publisher's claims of an earlier failure: replay must not follow them
+        H_ORIGINAL_EXCHANGE: "",
+        H_ORIGINAL_ROUTING_KEY: "some.other.queue",
+        H_REASON: "forged_reason",
+        H_ATTEMPTS: 99,
+    }
     events = await channel.get_exchange(isolation.naming.events_exchange)
     await events.publish(message, routing_key=UserSignedUp.event_type)
 
@@ -138,6 +154,12 @@ async def test_a_letter_the_broker_dead_letters_gets_one_derived_id_for_all_its_
     await channel.close()
     assert first["reason"] == "broker:delivery_limit"
     assert first["letter_id"].startswith("derived-")  # the publisher's claim is not ours
+    # where it came from and why it failed: the broker's record, not the publisher's headers
+    assert (first["original_exchange"], first["original_routing_key"]) == (
+        isolation.naming.events_exchange,
+        UserSignedUp.event_type,
+    )
+    assert first["attempts"] == 1 and first["error_type"] == "broker:delivery_limit"
     assert again["letter_id"] == first["letter_id"]
 
     db = mongo[isolation.db_name("kit")]
