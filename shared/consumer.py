@@ -182,9 +182,12 @@ class Consumer:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
+        in_flight = metrics.IN_FLIGHT.labels(self._service, self.queue_name)
+        in_flight.inc()
         try:
             await self._process(message)
         finally:
+            in_flight.dec()
             if task is not None:
                 self._in_flight.discard(task)
 

@@ -30,6 +30,12 @@ MESSAGE_AGE = Histogram(
     ["service", "queue", "event_type"],
     buckets=_LAG,
 )
+IN_FLIGHT = Gauge(
+    "grantwire_messages_in_flight",
+    "Messages delivered to a consumer and not settled yet (handler running or waiting for "
+    "its batch); stuck above 0 with no progress means handlers are blocked.",
+    ["service", "queue"],
+)
 CONSUMER_UP = Gauge(
     "grantwire_consumer_up",
     "1 while the consumer of a work queue is consuming on an open channel.",

@@ -244,6 +244,23 @@ class ChaosSystem:
                 await channel.close()
         return depths
 
+    async def messages_in_flight(self) -> dict[str, int]:
+        """Messages each service holds unacked (a ready count of 0 is not idle: a blocked
+        handler's messages are delivered, waiting, and not in the queue's ready count)."""
+        counts: dict[str, int] = {}
+        for name in self.services:
+            try:
+                response = await self.http.get(f"{self.url(name)}/metrics", timeout=5.0)
+            except httpx.HTTPError:
+                counts[name] = -1  # not answering (restarting): not idle either
+                continue
+            total = 0.0
+            for line in response.text.splitlines():
+                if line.startswith("grantwire_messages_in_flight{"):
+                    total += float(line.rsplit(" ", 1)[1])
+            counts[name] = int(total)
+        return counts
+
     async def progress_marks(self) -> tuple[int, ...]:
         """Counts that move while the system still works; the last one is outbox pending."""
         marks: list[int] = []
@@ -263,6 +280,8 @@ class ChaosSystem:
         while time.monotonic() < deadline:
             depths = await self.queue_depths()
             marks = await self.progress_marks()
+            handling = await self.messages_in_flight()
+            depths.update({f"{name} (in flight)": n for name, n in handling.items()})
             idle = not any(depths.values()) and marks[-1] == 0
             if idle and marks == previous:
                 self.trace(f"settled in {time.monotonic() - started:.1f}s")
