@@ -19,6 +19,7 @@ gets its own outcome and, if it fails, its own retry or dead letter.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -191,7 +192,9 @@ class GrantBatches:
         except Exception as exc:
             if len(items) == 1:
                 return [exc]
-        return [await self._run_alone(item) for item in items]
+        # Alone, and at once: an event waiting on a locked document (say, one a crashed
+        # replica's transaction still holds) must not hold up the others.
+        return list(await asyncio.gather(*(self._run_alone(item) for item in items)))
 
     async def _run_alone(self, item: GrantWork) -> WorkResult | BaseException:
         """The single path, for one item of a batch that failed as a whole."""

@@ -21,6 +21,7 @@ event alone on the single path, so it gets its own outcome, retry or dead letter
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -134,8 +135,17 @@ class ProvisionBatches:
                     results[index] = result
             except Exception:
                 later = sorted([*firsts, *later])
-        for index in later:
-            results[index] = await self._run_alone(items[index])
+        # Alone: each user's events in order, the users at once (one user's event waiting on
+        # a locked document must not hold up the others).
+        chains: dict[str, list[int]] = {}
+        for index in sorted(later):
+            chains.setdefault(items[index].user_id, []).append(index)
+
+        async def run_chain(chain: list[int]) -> None:
+            for index in chain:
+                results[index] = await self._run_alone(items[index])
+
+        await asyncio.gather(*(run_chain(chain) for chain in chains.values()))
         return [results[index] for index in range(len(items))]
 
     async def _run_alone(self, item: UserEvent) -> Provisioning | BaseException:

@@ -24,6 +24,7 @@ from tests.integration.billing.conftest import (
     created,
     provisioned,
 )
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 N = 60
@@ -165,3 +166,35 @@ async def test_a_batch_that_fails_retries_each_event_alone_with_its_own_outcome(
     assert results[0] == "applied" and results[2] == "applied"
     assert isinstance(results[1], ConnectionError)  # only its message is retried
     assert await use_cases.balance("org-2") == 0
+
+
+async def test_events_retried_alone_do_not_wait_for_each_other(
+    start_billing: StartBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    billing = await start_billing(**REFERRAL_ON)
+    use_cases = billing.billing
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def broken_batch(*args: object, **kwargs: object) -> dict[str, bool]:
+        raise ConnectionError("primary stepped down")
+
+    async def org_1_blocked(self: object, organization_id: str, plan_id: str, **kw: object) -> str:
+        if organization_id == "org-1":  # e.g. its account locked by a crashed replica
+            await release.wait()
+        finished.append(organization_id)
+        return "applied"
+
+    monkeypatch.setattr(use_cases, "apply_batch", broken_batch)
+    monkeypatch.setattr(type(use_cases), "grant_signup", org_1_blocked)
+    run = asyncio.create_task(
+        GrantBatches(use_cases).run([CreatedOrganization(f"org-{i}", "free") for i in range(1, 4)])
+    )
+
+    async def others_done() -> bool:
+        return sorted(finished) == ["org-2", "org-3"]
+
+    await wait_until(others_done, timeout=5)
+    release.set()
+    assert await run == ["applied", "applied", "applied"]
+    assert finished[-1] == "org-1"
