@@ -80,10 +80,6 @@ class CreatedOrganization:
 
 
 GrantWork = AcceptedReferral | ProvisionedUser | CreatedOrganization
-# A batch takes well under a second; one still running after this waits on a lock (a
-# transaction a crashed replica left open holds its documents up to mongod's 60 s): it is
-# given up and its events run alone, so only those touching the locked documents wait.
-BATCH_DEADLINE_S = 5.0
 # A grant, the envelope of the event that caused it, and that handler's trace context.
 CausedGrant = tuple[Grant, Envelope | None, Context | None]
 # What each kind of work returns: a GrantResult, one per open referral, a signup outcome.
@@ -186,16 +182,14 @@ def own_open_side(referral: Referral, user_id: str) -> bool:
 class GrantBatches:
     """Runs a batch of billing's listener work with a fixed number of round trips."""
 
-    def __init__(self, billing: BillingCore, *, deadline_s: float = BATCH_DEADLINE_S) -> None:
+    def __init__(self, billing: BillingCore) -> None:
         self._billing = billing
-        self._deadline_s = deadline_s
 
     async def run(self, items: Sequence[GrantWork]) -> list[WorkResult | BaseException]:
         """One result (or exception) per item; see the module docstring."""
         try:
-            async with asyncio.timeout(self._deadline_s):
-                return list(await self._run_batch(items))
-        except Exception as exc:  # TimeoutError included: the batch waited on a lock
+            return list(await self._run_batch(items))
+        except Exception as exc:
             if len(items) == 1:
                 return [exc]
         # Alone, and at once: an event waiting on a locked document (say, one a crashed

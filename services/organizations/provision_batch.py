@@ -116,20 +116,11 @@ def first_of_each_user(items: Sequence[UserEvent]) -> tuple[list[int], list[int]
     return firsts, later
 
 
-# A batch takes well under a second; one still running after this waits on a lock (a
-# transaction a crashed replica left open holds its documents up to mongod's 60 s): it is
-# given up and its events run alone, so only those touching the locked documents wait.
-BATCH_DEADLINE_S = 5.0
-
-
 class ProvisionBatches:
     """Runs a batch of user events in one transaction with a fixed number of round trips."""
 
-    def __init__(
-        self, organizations: OrganizationsCore, *, deadline_s: float = BATCH_DEADLINE_S
-    ) -> None:
+    def __init__(self, organizations: OrganizationsCore) -> None:
         self._organizations = organizations
-        self._deadline_s = deadline_s
 
     async def run(self, items: Sequence[UserEvent]) -> list[Provisioning | BaseException]:
         """One result (or exception) per item; see the module docstring."""
@@ -139,8 +130,7 @@ class ProvisionBatches:
             later = [firsts[0], *later]  # nothing to share: the single path as it is
         else:
             try:
-                async with asyncio.timeout(self._deadline_s):
-                    batched = await self._run_batch([items[i] for i in firsts])
+                batched = await self._run_batch([items[i] for i in firsts])
                 for index, result in zip(firsts, batched, strict=True):
                     results[index] = result
             except Exception:

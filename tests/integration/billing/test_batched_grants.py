@@ -198,22 +198,3 @@ async def test_events_retried_alone_do_not_wait_for_each_other(
     release.set()
     assert await run == ["applied", "applied", "applied"]
     assert finished[-1] == "org-1"
-
-
-async def test_a_batch_past_its_deadline_is_given_up_and_its_events_run_alone(
-    start_billing: StartBilling, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    billing = await start_billing(**REFERRAL_ON)
-    use_cases = billing.billing
-
-    async def waits_on_a_lock(*args: object, **kwargs: object) -> dict[str, bool]:
-        await asyncio.Event().wait()  # e.g. documents an orphaned transaction holds
-        raise AssertionError("unreachable")
-
-    monkeypatch.setattr(use_cases, "apply_batch", waits_on_a_lock)
-    results = await GrantBatches(use_cases, deadline_s=0.2).run(
-        [CreatedOrganization(f"org-{i}", "free") for i in range(1, 3)]
-    )
-
-    assert results == ["applied", "applied"]  # the single path, alone
-    assert await use_cases.balance("org-1") == await use_cases.balance("org-2") == 500
