@@ -246,3 +246,12 @@ def bearer(
         "exp": int(time.time()) + 300,
     }
     return {"Authorization": f"Bearer {jwt.encode(claims, secret, algorithm='HS256')}"}
+
+
+def batches_seen(batch: str) -> tuple[float, float]:
+    """(batches, items) a ``GroupCommit`` named ``batch`` ran so far, in this process."""
+    from prometheus_client import REGISTRY
+
+    count = REGISTRY.get_sample_value("grantwire_batch_size_count", {"batch": batch})
+    total = REGISTRY.get_sample_value("grantwire_batch_size_sum", {"batch": batch})
+    return count or 0.0, total or 0.0

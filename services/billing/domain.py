@@ -156,6 +156,13 @@ class Referral:
     def user(self, side: Side) -> str | None:
         return self.referee if side == "referee" else self.inviter
 
+    def has_open_side_of(self, user_id: str) -> bool:
+        """True when ``user_id``'s own side (as referee or as referrer) is still open: the
+        referrals ``organization.provisioned`` for that user re-decides."""
+        return any(
+            self.user(side) == user_id and self.record(side).state == "open" for side in SIDES
+        )
+
 
 @dataclass(frozen=True)
 class SideResult:

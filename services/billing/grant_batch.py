@@ -168,17 +168,6 @@ def credits_granted(
     return cause.caused(event, source=SERVICE, trace_context=trace)
 
 
-def referral_users(referral: Referral) -> tuple[str | None, str | None]:
-    return referral.referee, referral.inviter
-
-
-def own_open_side(referral: Referral, user_id: str) -> bool:
-    """True when ``user_id`` has an open side of their own in ``referral``."""
-    return (referral.referee == user_id and referral.record("referee").state == "open") or (
-        referral.inviter == user_id and referral.record("referrer").state == "open"
-    )
-
-
 class GrantBatches:
     """Runs a batch of billing's listener work with a fixed number of round trips."""
 
@@ -309,19 +298,22 @@ class GrantBatches:
         for item in items:
             if isinstance(item, AcceptedReferral) and item.invitation_id == referral.invitation_id:
                 return item
-            if isinstance(item, ProvisionedUser) and item.user_id in referral_users(referral):
+            if isinstance(item, ProvisionedUser) and item.user_id in (
+                referral.referee,
+                referral.inviter,
+            ):
                 return item
         return None
 
     @staticmethod
     def _belongs(plan: _Plan, invitation_id: str, item: ProvisionedUser) -> bool:
-        return own_open_side(plan.referrals[invitation_id], item.user_id)
+        return plan.referrals[invitation_id].has_open_side_of(item.user_id)
 
     @staticmethod
     def _result(plan: _Plan, invitation_id: str, applied: dict[str, bool]) -> GrantResult:
-        """A referral's result; a referral the batch did not find is recorded but unknown."""
+        """A referral's result (no decision: referrals are off, as the single path says)."""
         decision = plan.decisions.get(invitation_id)
-        if decision is None:  # referrals off: the single path reports ``disabled`` too
+        if decision is None:
             return GrantResult(skipped="disabled")
         return conclude(decision, applied)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import Literal, Protocol, TypeVar, cast
 
 import structlog
 from bson import ObjectId
@@ -138,7 +138,7 @@ class AccountLocks:
         return lock
 
     @contextlib.asynccontextmanager
-    async def all_of(self, organization_ids: Sequence[str]) -> Any:
+    async def all_of(self, organization_ids: Sequence[str]) -> AsyncIterator[None]:
         """Hold the locks of several accounts, taken in one order (no deadlock)."""
         async with contextlib.AsyncExitStack() as stack:
             for organization_id in sorted(set(organization_ids)):

@@ -144,8 +144,7 @@ class BillingStore:
         """
         if not entries:
             return []
-        organizations = {entry["organization_id"] for entry in entries}
-        if len(organizations) == 1 and len(entries) == 1:
+        if len(entries) == 1:
             return [await self.append_entry(session, entries[0])]
         await self.ledger.insert_many(entries, ordered=True, session=session)
         totals: dict[str, int] = {}

@@ -7,7 +7,6 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
-from prometheus_client import REGISTRY
 
 from services.billing.domain import Grant
 from services.billing.grant_batch import (
@@ -24,17 +23,10 @@ from tests.integration.billing.conftest import (
     created,
     provisioned,
 )
-from tests.support import wait_until
+from tests.support import batches_seen, wait_until
 
 pytestmark = pytest.mark.integration
 N = 60
-
-
-def batches_seen() -> tuple[float, float]:
-    """(batches, items) of billing's group commit so far, in this process."""
-    count = REGISTRY.get_sample_value("grantwire_batch_size_count", {"batch": "billing-grants"})
-    total = REGISTRY.get_sample_value("grantwire_batch_size_sum", {"batch": "billing-grants"})
-    return count or 0.0, total or 0.0
 
 
 async def test_a_burst_of_events_is_granted_in_batches_each_key_exactly_once(
@@ -45,7 +37,7 @@ async def test_a_burst_of_events_is_granted_in_batches_each_key_exactly_once(
     for i in range(N):
         await billing.publish(accepted(i))
     await billing.settled()
-    before = batches_seen()
+    before = batches_seen("billing-grants")
 
     # the burst, published all at once: each new organization's signup grant and its
     # referral grants, twice over
@@ -58,7 +50,7 @@ async def test_a_burst_of_events_is_granted_in_batches_each_key_exactly_once(
     await asyncio.gather(*(billing.publish(event) for event in burst))
     await billing.settled(timeout=30)
 
-    batches, items = (a - b for a, b in zip(batches_seen(), before, strict=True))
+    batches, items = (a - b for a, b in zip(batches_seen("billing-grants"), before, strict=True))
     assert items == 4 * N and batches < items  # some events shared a transaction
     for i in range(N):
         assert await billing.balance(f"org-{i}") == 500 + 500  # signup + referee, once each

@@ -40,18 +40,11 @@ from tests.integration.organizations.harness import (
     user_doc,
     verified,
 )
-from tests.support import Isolation, wait_until
+from tests.support import Isolation, batches_seen, wait_until
 
 pytestmark = pytest.mark.integration
 
 BATCH = "organizations-provision"
-
-
-def batches_seen() -> tuple[float, float]:
-    """(batches, items) of organizations' group commit so far, in this process."""
-    count = REGISTRY.get_sample_value("grantwire_batch_size_count", {"batch": BATCH})
-    total = REGISTRY.get_sample_value("grantwire_batch_size_sum", {"batch": BATCH})
-    return count or 0.0, total or 0.0
 
 
 def handled(isolation: Isolation, event_type: str) -> int:
@@ -85,7 +78,7 @@ async def test_a_burst_of_user_events_is_provisioned_in_batches_one_organization
         *(envelope(e) for e in late),
         *(envelope(verified(e.user_id)) for e in late),  # in either order with the signup
     ]
-    before = batches_seen()
+    before = batches_seen(BATCH)
     publisher = await ConfirmingPublisher.open(amqp, isolation.naming.events_exchange)
     assert await publisher.publish_many(burst) == [None] * len(burst)
     await publisher.channel.close()
@@ -97,7 +90,7 @@ async def test_a_burst_of_user_events_is_provisioned_in_batches_one_organization
 
     await wait_until(all_handled, timeout=30)
 
-    batches, items = (a - b for a, b in zip(batches_seen(), before, strict=True))
+    batches, items = (a - b for a, b in zip(batches_seen(BATCH), before, strict=True))
     assert items == len(burst) and batches < items  # some events shared a transaction
     users = [e.user_id for e in (*personal, *corporate, *late)]
     memberships = await all_memberships(db)
@@ -257,10 +250,10 @@ async def test_the_message_handlers_share_batches_and_each_event_continues_its_t
         with tracing.attached(tracing.context_from_headers(header)):
             await use_cases.on_user_signed_up(event, envelope(event))
 
-    before = batches_seen()
+    before = batches_seen(BATCH)
     await asyncio.gather(*(handle(e) for e in events))
 
-    batches, items = (a - b for a, b in zip(batches_seen(), before, strict=True))
+    batches, items = (a - b for a, b in zip(batches_seen(BATCH), before, strict=True))
     assert items == 10 and batches < 10
     owner = {o["_id"]: o["created_by"] for o in await all_organizations(harness.db)}
     assert len(owner) == 10

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from prometheus_client import REGISTRY
 
 from shared.consumer import (
     H_ATTEMPTS,
@@ -522,3 +523,34 @@ async def test_two_relays_publish_each_outbox_document_once(
     finally:
         await peer.stop()
         await runtime.stop()
+
+
+async def test_messages_in_flight_are_exported_while_their_handler_runs(
+    isolation: Isolation,
+    amqp: AbstractRobustConnection,
+    make_runtime: Callable[..., Awaitable[ServiceRuntime]],
+) -> None:
+    release = asyncio.Event()
+
+    async def held(event: Event, envelope: Envelope) -> None:
+        await release.wait()
+
+    await make_runtime(held)
+    labels = {"service": "kit", "queue": WORK.name(isolation.naming)}
+
+    def in_flight() -> float:
+        return REGISTRY.get_sample_value("grantwire_messages_in_flight", labels) or 0.0
+
+    for _ in range(2):
+        await publish_event(amqp, isolation.naming, signup())
+
+    async def both_held() -> bool:
+        return in_flight() == 2
+
+    await wait_until(both_held)
+    release.set()
+
+    async def settled() -> bool:
+        return in_flight() == 0
+
+    await wait_until(settled)

@@ -288,3 +288,17 @@ def test_ledger_cursor_round_trips_and_refuses_foreign_text() -> None:
     ):
         with pytest.raises(InvalidCursorError):
             LedgerCursor.decode(bad)
+
+
+def test_a_users_open_side_is_the_one_provisioned_re_decides() -> None:
+    from services.billing.domain import Referral, SideRecord
+
+    referral = Referral(
+        "inv1",
+        inviter="ada",
+        referee="grace",
+        sides={"referee": SideRecord("granted", "applied", "org-g"), "referrer": SideRecord()},
+    )
+    assert referral.has_open_side_of("ada")  # the referrer side is open
+    assert not referral.has_open_side_of("grace")  # her side was granted
+    assert not referral.has_open_side_of("someone-else")
