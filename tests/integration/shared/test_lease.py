@@ -1,0 +1,59 @@
+"""Leases on a real MongoDB: ``hold`` renews once per third of the TTL, not on every call."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from shared.lease import Lease
+from shared.mongo import Document
+from tests.support import Isolation, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def renewed_at(lease: Lease, mongo: AsyncMongoClient[Document], db: str) -> object:
+    doc = await mongo[db]["leases"].find_one({"_id": lease.name})
+    assert doc is not None
+    return doc["renewed_at"]
+
+
+async def test_hold_renews_only_when_a_third_of_the_ttl_has_passed(
+    isolation: Isolation, mongo: AsyncMongoClient[Document]
+) -> None:
+    db = f"t{isolation.token}_lease"
+    ttl = timedelta(seconds=0.6)
+    lease = Lease(mongo[db]["leases"], "relay", "me", ttl)
+    other = Lease(mongo[db]["leases"], "relay", "other", ttl)
+
+    started = time.monotonic()
+    assert await lease.hold()  # first call: a real acquire
+    first = await renewed_at(lease, mongo, db)
+    assert await lease.hold()  # within ttl/3: no round trip, the document is unchanged
+    assert await renewed_at(lease, mongo, db) == first
+    assert not await other.hold()  # and the lease is still ours for everyone else
+
+    async def renewed() -> bool:
+        assert await lease.hold()
+        return await renewed_at(lease, mongo, db) != first
+
+    await wait_until(renewed, timeout=5)
+    assert time.monotonic() - started >= ttl.total_seconds() / 3  # not before ttl/3
+
+
+async def test_after_release_or_losing_the_lease_hold_asks_the_database_again(
+    isolation: Isolation, mongo: AsyncMongoClient[Document]
+) -> None:
+    db = f"t{isolation.token}_lease"
+    ttl = timedelta(minutes=5)
+    lease = Lease(mongo[db]["leases"], "relay", "me", ttl)
+    other = Lease(mongo[db]["leases"], "relay", "other", ttl)
+
+    assert await lease.hold()
+    await lease.release()
+    assert await other.hold()  # released: another owner takes it
+    assert not await lease.hold()  # and hold does not trust its stale renewal
+    assert await lease.holder() == "other"
