@@ -265,9 +265,13 @@ class OutboxRelay:
         sent_docs = [d for d, r in zip(batch, results, strict=True) if r is None]
         if sent_docs:
             sent_at = datetime.now(UTC)
-            await self._db[OUTBOX].with_options(write_concern=_MARK_SENT).update_many(
-                {"_id": {"$in": [d["_id"] for d in sent_docs]}},
-                {"$set": {"status": "sent", "sent_at": sent_at}},
+            await (
+                self._db[OUTBOX]
+                .with_options(write_concern=_MARK_SENT)
+                .update_many(
+                    {"_id": {"$in": [d["_id"] for d in sent_docs]}},
+                    {"$set": {"status": "sent", "sent_at": sent_at}},
+                )
             )
             self.published += len(sent_docs)
             for doc in sent_docs:
