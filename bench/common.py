@@ -536,6 +536,9 @@ async def machine_info(bench: Bench) -> dict[str, Any]:
         build = await mongo.admin.command("buildInfo")
         info["mongodb"] = f"{build['version']} (one-node replica set, wiredTiger cache 0.25 GB)"
         await mongo.close()
+    from bench.hops import round_trip_cost
+
+    info["round_trip_cost"] = await round_trip_cost(bench.mongo_url, infra_pids().get("mongod"))
     return info
 
 

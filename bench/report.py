@@ -265,6 +265,19 @@ def markdown(latest: dict[str, Any]) -> str:
         f"`{latest.get('command')}`, {latest.get('duration_s')} s). Each row names its run; "
         "`bench/results/<time>-<run>.json` has every run's details."
     )
+    hops = m.get("round_trip_cost") or {}
+    hot, cold = hops.get("back_to_back"), hops.get("after_10ms_idle")
+    if hot and cold:
+        lines.append("")
+        lines.append(
+            "One database round trip (`find_one`, `bench/hops.py`): back to back "
+            f"{hot['wall_ms_per_call']} ms, client CPU {hot['client_cpu_ms_per_call']} ms, "
+            f"mongod CPU {hot.get('mongod_cpu_ms_per_call', '?')} ms; after 10 ms idle "
+            f"{cold['wall_ms_per_call']} ms, client CPU {cold['client_cpu_ms_per_call']} ms, "
+            f"mongod CPU {cold.get('mongod_cpu_ms_per_call', '?')} ms "
+            f"(x{hops.get('cold_over_hot_client_cpu')} client, "
+            f"x{hops.get('cold_over_hot_mongod_cpu', '?')} mongod)."
+        )
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@
   tiers, never from what a publisher sent (that is a first attempt, wherever it claims to
   come from).
 - The message id, body and properties are kept byte for byte on every hop.
+- Acks of messages that finish in the same event-loop turn (a batch) leave as one frame
+  (``shared/acks.py``); a nack, or a message still being handled, is never covered by it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from shared import metrics, tracing
+from shared.acks import AckCoalescer
 from shared.contracts import Event, major_version, model_for
 from shared.envelope import Envelope, EnvelopeError
 from shared.publisher import ConfirmingPublisher
@@ -110,6 +113,7 @@ class Consumer:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._acks = AckCoalescer()  # a batch's acks leave as one frame
         self._log = structlog.get_logger("grantwire.consumer").bind(
             service=service, queue=work_queue.name(naming)
         )
@@ -179,6 +183,7 @@ class Consumer:
         )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._acks.delivered(message)
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
@@ -228,7 +233,7 @@ class Consumer:
                 error = exc
                 outcome, detail = await self._retry_or_dead_letter(message, exc)
             else:
-                await message.ack()
+                await self._acks.ack(message)
                 outcome = "handled"
             duration = time.perf_counter() - started
             tracing.settle(span, outcome, error)
@@ -322,9 +327,9 @@ class Consumer:
         except Exception as publish_exc:
             # Could not park it: let the broker redeliver (its delivery limit still applies).
             detail["publish_error"] = repr(publish_exc)
-            await message.nack(requeue=True)
+            await self._requeue(message)
             return "requeued", detail
-        await message.ack()
+        await self._acks.ack(message)
         return "retried", detail
 
     async def _dead_letter(
@@ -348,10 +353,14 @@ class Consumer:
                 correlation_id=message.correlation_id,
                 error=repr(publish_exc),
             )
-            await message.nack(requeue=True)
+            await self._requeue(message)
             return "requeued"
-        await message.ack()
+        await self._acks.ack(message)
         return "dead_lettered"
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        await message.nack(requeue=True)
+        self._acks.settled(message)
 
     def _failed_attempts(self, message: AbstractIncomingMessage) -> int:
         """Failed attempts before this delivery (0 unless it returns from a retry tier)."""
