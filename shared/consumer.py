@@ -41,6 +41,7 @@ from shared import metrics, tracing
 from shared.acks import AckCoalescer
 from shared.contracts import Event, major_version, model_for
 from shared.envelope import Envelope, EnvelopeError
+from shared.logging import message_outcome
 from shared.publisher import ConfirmingPublisher
 from shared.shutdown import STOP_STEP_TIMEOUT_S, bounded_step
 from shared.topology import (
@@ -221,8 +222,11 @@ class Consumer:
                 event_type = envelope.type
                 log = log.bind(correlation_id=envelope.correlation_id)
                 self._observe_age(envelope)
-                async with asyncio.timeout(self._settings.handler_timeout_s):
-                    await handler(event, envelope)
+                with message_outcome() as reported:
+                    async with asyncio.timeout(self._settings.handler_timeout_s):
+                        await handler(event, envelope)
+                if reported:
+                    detail = {"handler": reported}
             except PermanentError as exc:
                 error = exc
                 detail = {"reason": exc.reason, "error": str(exc)}

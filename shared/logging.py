@@ -1,11 +1,18 @@
-"""structlog set up once per process: JSON when not on a terminal, key-value on one."""
+"""structlog set up once per process: JSON when not on a terminal, key-value on one.
+
+A consumed message gets one log line, the consumer's ``message handled``. A handler adds
+what it decided to that line with ``log_outcome`` (under ``handler``) instead of writing a
+line of its own; called outside a message (an HTTP request, a job, a test), it logs a line.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
@@ -22,7 +29,39 @@ def _mask_values(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutab
     for key, value in event_dict.items():
         if isinstance(value, str) and "://" in value:
             event_dict[key] = mask_url(value)
+        elif isinstance(value, dict):
+            _mask_values(_, __, value)
     return event_dict
+
+
+# The handler fields of the message being handled in this context (see log_outcome).
+_MESSAGE_OUTCOME: ContextVar[dict[str, Any] | None] = ContextVar(
+    "grantwire_message_outcome", default=None
+)
+
+
+@contextmanager
+def message_outcome() -> Iterator[dict[str, Any]]:
+    """Collect what handlers report with ``log_outcome`` while a message is handled."""
+    fields: dict[str, Any] = {}
+    token = _MESSAGE_OUTCOME.set(fields)
+    try:
+        yield fields
+    finally:
+        _MESSAGE_OUTCOME.reset(token)
+
+
+def log_outcome(
+    logger: Any, event: str, *, context: dict[str, Any] | None = None, **fields: Any
+) -> None:
+    """Report a handler's outcome: on its message's one log line when there is one (as
+    ``handler: {"event": ..., **fields}``; that line already names the message), otherwise
+    as an INFO line of its own with ``context`` (the event's ids)."""
+    collected = _MESSAGE_OUTCOME.get()
+    if collected is None:
+        logger.info(event, **(context or {}), **fields)
+        return
+    collected.update(event=event, **fields)
 
 
 def configure_logging(service: str, level: str = "INFO", json: bool | None = None) -> None:

@@ -61,6 +61,7 @@ from shared.contracts import (
     OrganizationProvisioned,
 )
 from shared.envelope import Envelope
+from shared.logging import log_outcome
 from shared.mongo import Document
 from shared.outbox import stage_event_batch, stage_events
 
@@ -204,11 +205,12 @@ class Billing:
         )
         for side in result.sides:
             count_grant(side.side, "referral", side.outcome)
-        log.info(
+        log_outcome(
+            log,
             "referral grant",
+            context=envelope.log_context(),
             invitation_id=event.invitation_id,
             **result.summary(),
-            **envelope.log_context(),
         )
 
     async def on_organization_provisioned(self, event: Event, envelope: Envelope) -> None:
@@ -226,12 +228,13 @@ class Billing:
         for side in (s for r in results for s in r.sides):
             if side.organization_id == event.organization_id:  # this user's own side
                 count_grant(side.side, "referral", side.outcome)
-        log.info(
+        log_outcome(
+            log,
             "organization provisioned",
+            context=envelope.log_context(),
             user_id=event.user_id,
             organization_id=event.organization_id,
             referrals=[r.summary() for r in results],
-            **envelope.log_context(),
         )
 
     async def on_organization_created(self, event: Event, envelope: Envelope) -> None:
@@ -246,12 +249,13 @@ class Billing:
             str,
         )
         count_grant("none", "signup_grant", outcome)
-        log.info(
+        log_outcome(
+            log,
             "signup grant",
+            context=envelope.log_context(),
             organization_id=event.organization_id,
             plan_id=event.plan_id,
             outcome=outcome,
-            **envelope.log_context(),
         )
 
     # -- grants ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from services.invitations.settings import InvitationsSettings
 from shared.auth import Principal
 from shared.contracts import Event, InvitationAccepted, UserSignedUp, normalize_email
 from shared.envelope import Envelope
+from shared.logging import log_outcome
 from shared.outbox import stage_events
 from shared.runtime import ServiceRuntime
 
@@ -224,7 +225,12 @@ class Invitations:
             return done
 
         if await self._runtime.commit(finalize):
-            bound.info("invitation accepted", invitation_id=claimed.id)
+            log_outcome(
+                log,
+                "invitation accepted",
+                context={**envelope.log_context(), "user_id": event.user_id},
+                invitation_id=claimed.id,
+            )
         else:
             # Revoked or finalized by a concurrent delivery between the claim and now.
             bound.warning("invitation not accepted", reason="claim_lost", invitation_id=claimed.id)

@@ -32,6 +32,7 @@ from shared.batching import GroupCommit
 from shared.consumer import PermanentError
 from shared.contracts import Event, UserEmailVerified, UserSignedUp
 from shared.envelope import Envelope
+from shared.logging import log_outcome
 from shared.mongo import Document, is_duplicate_key
 from shared.outbox import stage_events
 from shared.runtime import ServiceRuntime
@@ -199,10 +200,12 @@ class SignupOrganizations:
 
 
 def log_handled(envelope: Envelope, result: Provisioning) -> None:
-    """The one log line per handled user event, with its outcome."""
-    log.info(
+    """A handled user event's outcome, on its message's log line (a line of its own when
+    called outside a consumer)."""
+    log_outcome(
+        log,
         "signup organization handled",
-        **envelope.log_context(),
+        context=envelope.log_context(),
         outcome=result.outcome,
         organization_id=result.organization.id if result.organization else None,
         suggested_join=result.suggested_join.organization_id if result.suggested_join else None,

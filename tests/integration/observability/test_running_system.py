@@ -251,6 +251,20 @@ async def test_running_services_trace_count_and_log_a_referral_and_expose_job_re
         )
         assert verified_line["trace_id"] == verify_trace
         assert verified_line["correlation_id"] == verified.correlation_id
+        # what the handler decided is on that one line, not on a line of its own
+        assert verified_line["handler"]["event"] == "signup organization handled"
+        assert verified_line["handler"]["outcome"] == "created"
+        billing_log = [
+            json.loads(line)
+            for line in system["billing"].log_path.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        handler_events = {"referral grant", "organization provisioned", "signup grant"}
+        assert not [line for line in billing_log if line.get("event") in handler_events]
+        reported = [line["handler"]["event"] for line in handled_lines(system["billing"].log_path)]
+        assert sorted(reported) == sorted(
+            ["signup grant"] * 2 + ["referral grant"] + ["organization provisioned"] * 2
+        )
 
         # -- a job run shows on billing's /metrics and reaches the Pushgateway -------------
         job_env = {
