@@ -11,13 +11,18 @@ Never acked by mistake:
   delivery still being handled, being nacked or re-published (retry, dead letter) stops
   the run, so the broker never reads an ack for a message whose handler did not succeed;
 - tags belong to a channel: each channel has its own state, and a closed channel's acks
-  fail (its messages come back, as without coalescing).
+  fail (its messages come back, as without coalescing);
+- a channel's ack frames are sent one at a time, in the order they were decided: the
+  client's write queue does not keep the order of writers waiting for room, and a
+  ``multiple`` ack overtaking a single ack of a tag it covers would make the broker close
+  the channel (unknown delivery tag).
 - Nothing waits on a slow message: ready tags behind one are acked on their own at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ class _ChannelAcks:
     done: set[int] = field(default_factory=set)  # settled otherwise (nack, own ack)
     ready: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     flush_scheduled: bool = False
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)  # frames leave in order
 
 
 class AckCoalescer:
@@ -50,8 +56,10 @@ class AckCoalescer:
 
     def delivered(self, message: AbstractIncomingMessage) -> None:
         """Register a delivery, before anything can settle it."""
-        if message.delivery_tag is not None:
-            self._state(message).delivered.append(message.delivery_tag)
+        # A channel closed meanwhile has no state worth keeping: its messages come back.
+        with contextlib.suppress(Exception):
+            if message.delivery_tag is not None:
+                self._state(message).delivered.append(message.delivery_tag)
 
     def settled(self, message: AbstractIncomingMessage) -> None:
         """The message was settled without this coalescer (a nack, or an ack of its own)."""
@@ -98,18 +106,33 @@ class AckCoalescer:
             sends.append((tag, False, [state.ready.pop(tag)]))
             state.done.add(tag)
         for tag, multiple, futures in sends:
-            asyncio.get_running_loop().create_task(self._send(channel, tag, multiple, futures))
+            # Tasks start in creation order and the lock serves waiters first come, first
+            # served: the frames leave in this order.
+            asyncio.get_running_loop().create_task(
+                self._send(channel, state.sending, tag, multiple, futures)
+            )
 
     async def _send(
-        self, channel: Any, tag: int, multiple: bool, futures: list[asyncio.Future[None]]
+        self,
+        channel: Any,
+        sending: asyncio.Lock,
+        tag: int,
+        multiple: bool,
+        futures: list[asyncio.Future[None]],
     ) -> None:
         try:
-            await channel.basic_ack(delivery_tag=tag, multiple=multiple)
+            async with sending:
+                await channel.basic_ack(delivery_tag=tag, multiple=multiple)
             self.frames_sent += 1
-        except Exception as exc:
+        except BaseException as exc:
             for future in futures:
                 if not future.done():
-                    future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         for future in futures:
             if not future.done():

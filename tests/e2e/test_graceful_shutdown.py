@@ -46,11 +46,13 @@ from tests.support import EventTap, Isolation, wait_until
 
 pytestmark = pytest.mark.e2e
 GRACE_S = 20.0  # the deployed default; the flush may take a third of it
-REFERRALS = 300  # x3 messages for billing: two provisioned users and the accepted invitation
-# user.signed_up for organizations, each one organization and two events; well above its
-# prefetch (256), so work is still queued at the stop
-SIGNUPS = 1000
-STOP_AFTER = 0.15  # SIGTERM once this share of the effects is committed
+# Backlogs several seconds long at the services' batched speed (hundreds of events a second
+# here), so work is still queued when the SIGTERM lands: with 300 referrals and 1,000
+# signups, billing with coalesced acks had sometimes consumed everything before its stop.
+REFERRALS = 1000  # x3 messages for billing: two provisioned users and the accepted invitation
+# user.signed_up for organizations, each one organization and two events
+SIGNUPS = 3000
+STOP_AFTER = 0.1  # SIGTERM once this share of the effects is committed
 
 
 @pytest.fixture
