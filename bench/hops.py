@@ -13,17 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from pathlib import Path
 from typing import Any
 
 from pymongo import MongoClient
 
+from bench.common import proc_cpu_s
+
 DB = "grantwire_bench_hops"
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks
 
 
 def _measure(url: str, mongod_pid: int | None) -> dict[str, Any]:
@@ -33,11 +29,11 @@ def _measure(url: str, mongod_pid: int | None) -> dict[str, Any]:
         collection.replace_one({"_id": 1}, {"_id": 1}, upsert=True)
         results: dict[str, Any] = {}
         # mongod's own background work (timers, journal) while nobody calls: not the calls'.
-        idle0 = _cpu_s(mongod_pid) if mongod_pid else 0.0
+        idle0 = proc_cpu_s(mongod_pid) if mongod_pid else 0.0
         time.sleep(1.0)
-        idle_per_s = (_cpu_s(mongod_pid) - idle0) if mongod_pid else 0.0
+        idle_per_s = (proc_cpu_s(mongod_pid) - idle0) if mongod_pid else 0.0
         for name, pause, calls in (("back_to_back", 0.0, 3000), ("after_10ms_idle", 0.01, 200)):
-            mongod0 = _cpu_s(mongod_pid) if mongod_pid else 0.0
+            mongod0 = proc_cpu_s(mongod_pid) if mongod_pid else 0.0
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in range(calls):
                 if pause:
@@ -51,7 +47,7 @@ def _measure(url: str, mongod_pid: int | None) -> dict[str, Any]:
                 "client_cpu_ms_per_call": round(cpu / calls * 1e3, 3),
             }
             if mongod_pid:
-                busy = _cpu_s(mongod_pid) - mongod0 - idle_per_s * (time.perf_counter() - wall0)
+                busy = proc_cpu_s(mongod_pid) - mongod0 - idle_per_s * (time.perf_counter() - wall0)
                 row["mongod_cpu_ms_per_call"] = round(max(0.0, busy) / calls * 1e3, 3)
             results[name] = row
         hot, cold = results["back_to_back"], results["after_10ms_idle"]

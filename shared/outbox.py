@@ -370,6 +370,9 @@ class OutboxRelay:
                 async with await self._db[OUTBOX].watch(pipeline) as stream:
                     async for change in stream:
                         key = (change.get("documentKey") or {}).get("_id")
+                        if self._drain_lock.locked():
+                            async with self._drain_lock:  # a read under way may hold it
+                                pass
                         if key not in self._recently_read:
                             self._wake.set()
             except asyncio.CancelledError:

@@ -21,13 +21,23 @@ async def renewed_at(lease: Lease, mongo: AsyncMongoClient[Document], db: str) -
     return doc["renewed_at"]
 
 
+def two_owners(
+    isolation: Isolation, mongo: AsyncMongoClient[Document], ttl: timedelta
+) -> tuple[str, Lease, Lease]:
+    """The test's database, and one lease as seen by its two would-be owners."""
+    db = f"t{isolation.token}_lease"
+    return (
+        db,
+        Lease(mongo[db]["leases"], "relay", "me", ttl),
+        Lease(mongo[db]["leases"], "relay", "other", ttl),
+    )
+
+
 async def test_hold_renews_only_when_a_third_of_the_ttl_has_passed(
     isolation: Isolation, mongo: AsyncMongoClient[Document]
 ) -> None:
-    db = f"t{isolation.token}_lease"
     ttl = timedelta(seconds=0.6)
-    lease = Lease(mongo[db]["leases"], "relay", "me", ttl)
-    other = Lease(mongo[db]["leases"], "relay", "other", ttl)
+    db, lease, other = two_owners(isolation, mongo, ttl)
 
     started = time.monotonic()
     assert await lease.hold()  # first call: a real acquire
@@ -47,10 +57,7 @@ async def test_hold_renews_only_when_a_third_of_the_ttl_has_passed(
 async def test_after_release_or_losing_the_lease_hold_asks_the_database_again(
     isolation: Isolation, mongo: AsyncMongoClient[Document]
 ) -> None:
-    db = f"t{isolation.token}_lease"
-    ttl = timedelta(minutes=5)
-    lease = Lease(mongo[db]["leases"], "relay", "me", ttl)
-    other = Lease(mongo[db]["leases"], "relay", "other", ttl)
+    _, lease, other = two_owners(isolation, mongo, timedelta(minutes=5))
 
     assert await lease.hold()
     await lease.release()
