@@ -23,7 +23,7 @@ from pymongo import AsyncMongoClient
 
 from grantwire.demo import demo_env
 from grantwire.system import LocalSystem, free_port, read_infra_env
-from shared.envelope import Envelope
+from shared.envelope import H_TIME, Envelope
 from shared.mongo import run_in_transaction
 from shared.publisher import ConfirmingPublisher
 from shared.topology import Naming, declare_exchanges
@@ -311,6 +311,20 @@ async def declare_topology(connection: AbstractRobustConnection, naming: Naming)
     await channel.close()
 
 
+async def tap_queue(
+    connection: AbstractRobustConnection,
+    naming: Naming,
+    routing_key: str,
+    on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+) -> None:
+    """A private queue on the events exchange bound to ``routing_key``, consumed without acks."""
+    channel = await connection.channel()
+    exchange, _ = await declare_exchanges(channel, naming)
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key=routing_key)
+    await queue.consume(on_message, no_ack=True)
+
+
 class CreditTap:
     """A private queue on ``billing.credits_granted``: first arrival time per referral.
 
@@ -320,6 +334,7 @@ class CreditTap:
 
     def __init__(self) -> None:
         self.referee: dict[str, float] = {}
+        self.staged: dict[str, float] = {}  # invitation id -> billing staged it (wall clock, s)
         self.duplicates = 0
         self.other = 0
         self.total = 0
@@ -330,11 +345,7 @@ class CreditTap:
     @classmethod
     async def open(cls, connection: AbstractRobustConnection, naming: Naming) -> CreditTap:
         tap = cls()
-        channel = await connection.channel()
-        exchange, _ = await declare_exchanges(channel, naming)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="billing.credits_granted")
-        await queue.consume(tap._on_message, no_ack=True)
+        await tap_queue(connection, naming, "billing.credits_granted", tap._on_message)
         return tap
 
     def expect(self, invitation_ids: Iterable[str]) -> None:
@@ -360,10 +371,47 @@ class CreditTap:
             self.duplicates += 1
             return
         self.referee[invitation_id] = at
+        staged = staged_at(message)
+        if staged is not None:
+            self.staged[invitation_id] = staged
         if self._watch is not None and invitation_id in self._watch:
             self._missing -= 1
             if self._missing == 0:
                 self.done.set()
+
+
+def staged_at(message: AbstractIncomingMessage) -> float | None:
+    """When the service staged the event (its ``ce-time``, wall clock seconds; the outbox
+    keeps it to the millisecond)."""
+    text = (message.headers or {}).get(H_TIME)
+    if isinstance(text, bytes):
+        text = text.decode()
+    return datetime.fromisoformat(text).timestamp() if isinstance(text, str) else None
+
+
+class ProvisionedTap:
+    """A private queue on ``organization.provisioned``: per user, when organizations staged
+    it (wall clock) and when it reached the bench (``time.perf_counter``)."""
+
+    def __init__(self) -> None:
+        self.staged: dict[str, float] = {}
+        self.arrived: dict[str, float] = {}
+
+    @classmethod
+    async def open(cls, connection: AbstractRobustConnection, naming: Naming) -> ProvisionedTap:
+        tap = cls()
+        await tap_queue(connection, naming, "organization.provisioned", tap._on_message)
+        return tap
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        at = time.perf_counter()
+        user_id = json.loads(message.body).get("user_id")
+        if user_id is None or user_id in self.arrived:
+            return
+        self.arrived[user_id] = at
+        staged = staged_at(message)
+        if staged is not None:
+            self.staged[user_id] = staged
 
 
 async def wait_until(

@@ -31,6 +31,7 @@ from bench.common import (
     CpuMeter,
     CreditTap,
     Pipelined,
+    ProvisionedTap,
     UseCaseDatabase,
     cleanup_part,
     clone_story_state,
@@ -129,6 +130,57 @@ async def drive(
     return sent, lag
 
 
+# The story's path in four stages, from the taps' arrival times (bench clock) and the
+# ``ce-time`` each service stamped when it staged its event (wall clock, millisecond).
+STAGES = (
+    ("1. publish -> organizations staged organization.provisioned", "sent", "org_staged"),
+    ("2. its commit, outbox relay, broker -> the bench's tap", "org_staged", "provisioned"),
+    (
+        "3. billing's delivery and handler -> staged billing.credits_granted",
+        "provisioned",
+        "billing_staged",
+    ),
+    ("4. its commit, outbox relay, broker -> the bench's tap", "billing_staged", "credited"),
+)
+
+
+def stage_breakdown(
+    stories: list[dict[str, str]],
+    sent: dict[str, float],
+    provisioned: ProvisionedTap,
+    credits: CreditTap,
+    wall_offset: float,
+) -> dict[str, Any]:
+    """p50 / p99 of each stage over the stories with all five times (wall clock = bench
+    clock + ``wall_offset``): where a story's latency goes."""
+    per_stage: dict[str, list[float]] = {name: [] for name, _, _ in STAGES}
+    for s in stories:
+        invitation_id, user_id = s["invitation_id"], s["user_id"]
+        on_bench_clock = {
+            "sent": sent.get(invitation_id),
+            "provisioned": provisioned.arrived.get(user_id),
+            "credited": credits.referee.get(invitation_id),
+        }
+        stamped = {
+            "org_staged": provisioned.staged.get(user_id),
+            "billing_staged": credits.staged.get(invitation_id),
+        }
+        wall = {k: t + wall_offset for k, t in on_bench_clock.items() if t is not None}
+        wall |= {k: t for k, t in stamped.items() if t is not None}
+        if len(wall) < len(on_bench_clock) + len(stamped):
+            continue
+        for name, start, end in STAGES:
+            per_stage[name].append((wall[end] - wall[start]) * 1000)
+    return {
+        name: {
+            k: v
+            for k, v in latency_summary(values).items()
+            if k in ("samples", "p50_ms", "p99_ms", "mean_ms")
+        }
+        for name, values in per_stage.items()
+    }
+
+
 def timeline(sent: dict[str, float], arrived: dict[str, float]) -> list[dict[str, Any]]:
     """Per second of the run: stories sent, and p50 / p99 / max of their latency."""
     start = min(sent.values())
@@ -170,6 +222,7 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
         connection = await aio_pika.connect_robust(bench.amqp_url)
         naming = bench.naming(PART)
         tap = await CreditTap.open(connection, naming)
+        provisioned = await ProvisionedTap.open(connection, naming)
         publisher = await Pipelined.open(connection, naming)
         seed_s = await seed(mongo, bench.db_prefix(PART), n, tag)
         out(
@@ -179,6 +232,7 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
         tap.expect(s["invitation_id"] for s in stories)
         meter = CpuMeter(named)
         out(f"  driving {n:,} email verifications at {rate:.0f}/s for {seconds:.0f} s")
+        wall_offset = time.time() - time.perf_counter()
         sent, lag = await drive(publisher, tap, stories, rate)
         drive_cpu = meter.stop()
         with contextlib.suppress(TimeoutError):
@@ -203,6 +257,9 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
     summary = latency_summary(samples + waited)
     summary["lower_bound"] = bool(waited)
     rows = timeline(sent, arrived)
+    stages = stage_breakdown(stories, sent, provisioned, tap, wall_offset)
+    for name, stage in stages.items():
+        out(f"    stage {name}: p50 {stage.get('p50_ms')} ms, p99 {stage.get('p99_ms')} ms")
     credited_at = [arrived[i] for i in sent if i in arrived]
     completion = len(credited_at) / (max(credited_at) - min(sent.values())) if credited_at else 0
     out(
@@ -232,6 +289,7 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
         "publisher_max_lag_ms": round(lag * 1000, 1),
         "seeding_seconds": round(seed_s, 1),
         "cpu_cores_busy_while_driving": drive_cpu,
+        "stages_ms": stages,
         "per_second": rows,
         "memory": memory,
         "exit_codes": codes,

@@ -265,6 +265,9 @@ def markdown(latest: dict[str, Any]) -> str:
         f"`{latest.get('command')}`, {latest.get('duration_s')} s). Each row names its run; "
         "`bench/results/<time>-<run>.json` has every run's details."
     )
+    stages = _stages(latest.get("parts", {}))
+    if stages:
+        lines += ["", *stages]
     hops = m.get("round_trip_cost") or {}
     hot, cold = hops.get("back_to_back"), hops.get("after_10ms_idle")
     if hot and cold:
@@ -279,6 +282,33 @@ def markdown(latest: dict[str, Any]) -> str:
             f"x{hops.get('cold_over_hot_mongod_cpu', '?')} mongod)."
         )
     return "\n".join(lines)
+
+
+def _stages(parts: dict[str, Any]) -> list[str]:
+    """Where a story's time goes, per latency run: p50 / p99 of each of its four stages."""
+    keys = sorted(
+        (k for k, p in parts.items() if k.startswith("latency") and p.get("stages_ms")),
+        key=lambda k: parts[k].get("offered_per_s", 0),
+    )
+    if not keys:
+        return []
+    names = list(parts[keys[0]]["stages_ms"])
+    header = " | ".join(f"{parts[k]['offered_per_s']:.0f}/s" for k in keys)
+    lines = [
+        "Where a story's time goes, p50 / p99 of each stage per offered rate (from the bench's "
+        "taps on `organization.provisioned` and `billing.credits_granted` and the `ce-time` "
+        "each service stamped when it staged its event, which the outbox keeps to the ms):",
+        "",
+        f"| stage | {header} |",
+        "| --- |" + " --- |" * len(keys),
+    ]
+    for name in names:
+        cells = []
+        for k in keys:
+            stage = parts[k]["stages_ms"].get(name, {})
+            cells.append(f"{_ms(stage.get('p50_ms'))} / {_ms(stage.get('p99_ms'))}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _noise(parts: dict[str, Any]) -> str:

@@ -8,6 +8,14 @@ service through a lease, so several replicas never publish the same document twi
 unless one crashes between publish and mark (consumers dedupe that). Sent documents
 expire through a TTL index.
 
+A document the broker refused (unroutable, nacked) backs off, and every later document of
+its aggregate waits behind it; its retry goes alone, so nothing of that aggregate is
+published after it until the broker takes it. The one gap: documents of one aggregate that
+go out together for the first time are all published, so when the first is refused the
+later ones arrive before its retry (consumers handle events out of order). Aggregates that
+wait never hold up the others: when they fill part of the oldest batch, the relay reads past
+them (through a partial index of the documents backing off).
+
 Round trips are what an event costs here (the database's journal flush above all), so the
 relay spends few: the lease is renewed once per third of its TTL, not per batch; marking
 documents sent is acknowledged by the primary without waiting for the journal (lost in a
@@ -21,7 +29,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +40,7 @@ from opentelemetry.trace import Span
 from pymongo import ASCENDING, IndexModel, WriteConcern
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from shared import metrics, tracing
 from shared.envelope import Envelope
@@ -45,6 +54,7 @@ LEASES = "leases"
 # Marking sent needs no journal flush: a mark lost in a crash means one more publish.
 _MARK_SENT = WriteConcern(w=1)
 _RECENTLY_READ = 4096  # outbox ids remembered so their change-stream notices wake nothing
+_MAX_EXCLUDED = 10_000  # waiting aggregates a read skips at most (beyond: read as they come)
 log = structlog.get_logger("grantwire.outbox")
 
 
@@ -54,6 +64,11 @@ def outbox_indexes(sent_retention: timedelta) -> dict[str, list[IndexModel]]:
         OUTBOX: [
             IndexModel([("status", ASCENDING), ("_id", ASCENDING)], name="pending_scan"),
             IndexModel([("event_id", ASCENDING)], unique=True, name="event_id_unique"),
+            IndexModel(
+                [("next_attempt_at", ASCENDING)],
+                name="backing_off",
+                partialFilterExpression={"status": "pending", "next_attempt_at": {"$exists": True}},
+            ),
             IndexModel(
                 [("sent_at", ASCENDING)],
                 expireAfterSeconds=int(sent_retention.total_seconds()),
@@ -105,6 +120,29 @@ async def stage_event_batch(
         for env, aggregate_id in staged
     ]
     await db[OUTBOX].insert_many(docs, session=session, ordered=True)
+
+
+def _publishable(docs: list[Document], now: datetime) -> tuple[list[Document], set[str], int]:
+    """The documents (oldest first) that may go now; the aggregates with a document backing
+    off, whose later documents all wait (order); and how many documents wait behind a retry
+    in this batch (a retry goes alone, so a later event of its aggregate is published only
+    after the broker took it)."""
+    batch: list[Document] = []
+    waiting: set[str] = set()
+    retrying: set[str] = set()
+    held = 0
+    for doc in docs:
+        aggregate = doc["aggregate_id"]
+        due = doc.get("next_attempt_at")
+        if aggregate in waiting or (due is not None and due > now):
+            waiting.add(aggregate)
+        elif aggregate in retrying:
+            held += 1
+        else:
+            batch.append(doc)
+            if doc.get("attempts", 0):
+                retrying.add(aggregate)
+    return batch, waiting, held
 
 
 def envelope_of(doc: Document) -> Envelope:
@@ -159,6 +197,10 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._max_backoff_s = max_backoff_s
         self._wake = asyncio.Event()
+        # Wake-ups asked for, and how many of them the latest read covers (it started after
+        # them, so it saw their documents): a wake-up a read already covered starts none.
+        self._wakes_asked = 0
+        self._wakes_read = 0
         # One batch at a time: stop()'s final flush must not re-read documents the relay
         # task is publishing right now (that would publish them twice).
         self._drain_lock = asyncio.Lock()
@@ -178,7 +220,15 @@ class OutboxRelay:
 
     def wake(self) -> None:
         """Publish soon (called after a commit in this process)."""
+        self._wakes_asked += 1
         self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def draining(self) -> AsyncIterator[None]:
+        """Hold the relay's drain lock: no read starts, and no change-stream notice is
+        looked at, until the block ends (tests use it to order a commit before both)."""
+        async with self._drain_lock:
+            yield
 
     async def stop(
         self, flush_timeout_s: float = 10.0, step_timeout_s: float = STOP_STEP_TIMEOUT_S
@@ -233,27 +283,51 @@ class OutboxRelay:
     async def drain_once(self) -> tuple[int, int]:
         """Publish one batch; returns (published, failed)."""
         async with self._drain_lock:
+            # A wake-up from here on is for documents this read may not see; one set before
+            # (a change-stream notice that waited for the lock, say) is for documents it sees.
+            self._wakes_read = self._wakes_asked
+            self._wake.clear()
             return await self._drain_batch()
+
+    async def _read_pending(self, query: Document) -> list[Document]:
+        return await (
+            self._db[OUTBOX].find(query).sort("_id", ASCENDING).limit(self._batch_size).to_list()
+        )
+
+    async def _waiting_aggregates(self, now: datetime) -> list[str]:
+        """Aggregates with a document backing off (not due before ``now``), at most
+        ``_MAX_EXCLUDED`` of them, through the partial index of backing-off documents."""
+        groups = await self._db[OUTBOX].aggregate(
+            [
+                {"$match": {"status": "pending", "next_attempt_at": {"$gt": now}}},
+                {"$group": {"_id": "$aggregate_id"}},
+                {"$limit": _MAX_EXCLUDED},
+            ]
+        )
+        return [group["_id"] async for group in groups]
 
     async def _drain_batch(self) -> tuple[int, int]:
         now = datetime.now(UTC)
-        docs = await (
-            self._db[OUTBOX]
-            .find({"status": "pending"})
-            .sort("_id", ASCENDING)
-            .limit(self._batch_size)
-            .to_list()
-        )
+        docs = await self._read_pending({"status": "pending"})
         self._more_pending = len(docs) == self._batch_size
         self._remember_read(docs)
-        batch: list[Document] = []
-        waiting: set[str] = set()
-        for doc in docs:
-            due = doc.get("next_attempt_at")
-            if doc["aggregate_id"] in waiting or (due is not None and due > now):
-                waiting.add(doc["aggregate_id"])  # keep order: later events of it wait too
-                continue
-            batch.append(doc)
+        batch, waiting, held = _publishable(docs, now)
+        if waiting and self._more_pending:
+            # Documents backing off fill part of the oldest batch: read past every aggregate
+            # that waits, or a full batch of them would hold up everyone else's events.
+            try:
+                excluded = await self._waiting_aggregates(now)
+                docs = await self._read_pending(
+                    {"status": "pending", "aggregate_id": {"$nin": sorted({*excluded, *waiting})}}
+                )
+            except PyMongoError as exc:  # publish what the oldest batch allows meanwhile
+                log.warning("outbox read past waiting aggregates failed", error=str(exc))
+            else:
+                self._more_pending = len(docs) == self._batch_size
+                self._remember_read(docs)
+                batch, _, held = _publishable(docs, now)
+        if held:
+            self._more_pending = True  # read again once the retries in this batch are settled
         if not batch:
             return 0, 0
         traced = [self._traced(envelope_of(d)) for d in batch]
@@ -334,8 +408,6 @@ class OutboxRelay:
                 if not await self._lease.hold():
                     await self._sleep(self._lease.ttl.total_seconds() / 3)
                     continue
-                # A wake-up from here on is for documents this read may not see.
-                self._wake.clear()
                 published, failed = await self.drain_once()
                 if failed and not published:
                     backoff = min(self._max_backoff_s, max(0.2, backoff * 2))
@@ -343,7 +415,7 @@ class OutboxRelay:
                     continue
                 backoff = 0.0
                 if published == 0 or not self._more_pending:
-                    await self._sleep(self._poll_interval_s)
+                    await self._idle(self._poll_interval_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker or database down: back off, keep going
@@ -352,10 +424,25 @@ class OutboxRelay:
                 backoff = min(self._max_backoff_s, max(0.2, backoff * 2))
                 await self._sleep(backoff)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a wake-up; True when woken."""
+        try:
             await asyncio.wait_for(self._wake.wait(), seconds)
-        self._wake.clear()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._wake.clear()
+
+    async def _idle(self, poll_interval_s: float) -> None:
+        """Sleep until a wake-up that no read has covered yet, or the next poll."""
+        deadline = time.monotonic() + poll_interval_s
+        while not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self._sleep(left):
+                return
+            if self._wakes_asked > self._wakes_read:
+                return
 
     async def _watch(self) -> None:
         """Wake the relay on inserts; polling covers the gaps when the stream fails."""
@@ -374,7 +461,7 @@ class OutboxRelay:
                             async with self._drain_lock:  # a read under way may hold it
                                 pass
                         if key not in self._recently_read:
-                            self._wake.set()
+                            self.wake()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

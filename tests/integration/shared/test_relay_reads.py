@@ -1,9 +1,11 @@
 """The outbox relay reads the outbox once per wake-up it needs, not again for the change-stream
 notice of a document it has already read (real MongoDB replica set and RabbitMQ).
 
-A notice that reaches the relay before its read starts wakes nothing either way (the read
-clears the wake-up), so a relay without the filter passes a round now and then; it fails
-in most runs (measured: 2 of 3), whenever the notice arrives during the read's publish.
+Each round queues the commit's read on the relay's drain lock before the commit, so the read
+starts before the watch looks at the notice. Measured: passes 12 of 12 runs with the relay's
+filter, fails 8 of 8 without it. (Before, the test called ``wake()`` after the commit: a
+notice that came first started the read itself, the wake-up one more, and the test failed
+about 1 run in 3 with a correct relay.)
 """
 
 from __future__ import annotations
@@ -96,17 +98,23 @@ async def test_a_change_stream_notice_of_a_document_already_published_wakes_no_r
                 await stage_events(db, session, [envelope], aggregate_id="o1")
 
             publisher.gate.clear()
-            await run_in_transaction(client, stage)
-            relay.wake()
+            # The read that follows the commit (the one its wake-up starts) is queued on the
+            # drain lock before the commit, so it takes the lock before the watch can look
+            # at the document's notice; the relay's own task sleeps (no wake-up, 60 s poll).
+            async with relay.draining():
+                read = asyncio.create_task(relay.drain_once())
+                await asyncio.sleep(0)  # the read task runs until it waits for the lock
+                await run_in_transaction(client, stage)
 
             async def read_and_noticed(n: int = round_) -> bool:
                 return commands.finds == 1 + n and commands.notices == n
 
-            # The relay has read the document and is publishing it when its notice arrives.
+            # The read has the document and is publishing it when its notice arrives.
             await wait_until(read_and_noticed)
             asked_again = commands.get_mores_started
             publisher.gate.set()
-            await wait_until(lambda n=round_: asyncio.sleep(0, relay.published == n))
+            assert await read == (1, 0)
+            assert relay.published == round_
             # The watch handled the notice and waits for the next; a wake-up it set has had
             # its chance to start a read.
             await wait_until(
@@ -115,7 +123,7 @@ async def test_a_change_stream_notice_of_a_document_already_published_wakes_no_r
             for _ in range(50):
                 await asyncio.sleep(0)
 
-            # The start, then one read per commit's wake-up; none for the notices.
+            # The start, then one read per commit; none for the notices.
             assert commands.finds == 1 + round_
     finally:
         await relay.stop()
