@@ -2,9 +2,12 @@
 
 The consumer runs up to ``prefetch`` handlers at once, each for one message. A handler that
 ``submit``s its item to a ``GroupCommit`` waits while up to ``concurrency`` batches run at once:
-whatever arrived while they ran goes into the next one. At low load every batch holds
-one item (no waiting, no timer); under load the batches grow, so the round trips per
-message shrink with the load instead of adding to it.
+whatever arrived while they ran goes into the next one, and so do the items submitted in
+the same turn of the event loop (the handlers of messages that came in one read from the
+broker: billing's ``organization.created`` and ``organization.provisioned`` of one
+organization, say). At low load every batch holds one item (no timer, no waiting beyond
+that turn); under load the batches grow, so the round trips per message shrink with the
+load instead of adding to it.
 
 Each caller gets its own item's result or exception back, so the consumer still acks,
 retries or dead-letters each message on its own. ``run_batch`` returns one entry per item:
@@ -55,6 +58,7 @@ class GroupCommit(Generic[I, R]):
         self._context = contextvars.copy_context()
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._running: dict[asyncio.Task[None], list[asyncio.Future[R]]] = {}
+        self._dispatch_scheduled_on: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: I) -> R:
         """Run ``item`` in the next batch; its result, or its exception raised here.
@@ -63,16 +67,28 @@ class GroupCommit(Generic[I, R]):
         a running batch gave up, the batch is cancelled too (as a lone handler's database
         call would be); otherwise it runs on, and a redelivery finds the item's work done.
         """
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         self._pending.append((item, future))
-        self._dispatch()
+        if self._dispatch_scheduled_on is not loop:
+            # After the handlers already scheduled for this turn of the loop (messages that
+            # came in one read from the broker) have submitted theirs: one batch for them.
+            # (Keyed by loop: a loop closed with the call pending does not strand the group.)
+            self._dispatch_scheduled_on = loop
+            loop.call_soon(self._dispatch_now, context=self._context.copy())
         try:
             return await future
         except asyncio.CancelledError:
             for task, futures in self._running.items():
-                if future in futures and all(f.done() for f in futures):
+                # Once: callers giving up together must not cancel the batch again while it
+                # unwinds (a second cancel can strand a database driver's lock).
+                if future in futures and all(f.done() for f in futures) and not task.cancelling():
                     task.cancel()
             raise
+
+    def _dispatch_now(self) -> None:
+        self._dispatch_scheduled_on = None
+        self._dispatch()
 
     def _dispatch(self) -> None:
         """Start batches of what is pending while fewer than ``concurrency`` run."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import pymongo.lock
 from pymongo import AsyncMongoClient, IndexModel, ReadPreference
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
@@ -21,6 +24,32 @@ from pymongo.write_concern import WriteConcern
 
 Document = dict[str, Any]
 T = TypeVar("T")
+
+
+async def _wait_for_in_the_callers_task(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """``asyncio.wait_for`` as Python 3.12 has it: the awaitable runs in the caller's task."""
+    async with asyncio.timeout(timeout):
+        return await awaitable
+
+
+def _make_condition_waits_cancel_safely() -> None:
+    """Make PyMongo's waits on its own conditions safe to cancel, on Python 3.11.
+
+    PyMongo's connection pool and server selection wait on asyncio conditions through
+    ``asyncio.wait_for``. On Python 3.11 that runs the wait as a task of its own. When the
+    caller is cancelled twice before that task ends (a handler's time limit and a batch
+    cancelled by each of its callers, say), the caller leaves first and lets go of a lock it
+    no longer holds; the wait's task then takes the condition's lock back and ends holding
+    it. Nothing releases it, and every later operation of that client waits for ever (seen
+    here: a service and a test run that hung). Python 3.12's ``wait_for`` waits in the
+    caller's task, where the lock is taken back before the caller leaves; this gives
+    PyMongo that one. Left alone on 3.12 and later, or when PyMongo no longer waits this way.
+    """
+    if sys.version_info < (3, 12) and getattr(pymongo.lock, "wait_for", None) is asyncio.wait_for:
+        pymongo.lock.wait_for = _wait_for_in_the_callers_task  # type: ignore[attr-defined,assignment]
+
+
+_make_condition_waits_cancel_safely()
 
 
 def create_client(

@@ -13,6 +13,8 @@ from pymongo import AsyncMongoClient
 from shared.mongo import Document, create_client
 from tests.support import InfraUrls, Isolation, discover_infra
 
+pytest_plugins = ["tests.watchdog"]
+
 # The reliability scenarios (tests/reliability) run with `make chaos`, which sets
 # GRANTWIRE_CHAOS=1; the default `make test` run leaves them out.
 if not os.environ.get("GRANTWIRE_CHAOS"):

@@ -139,14 +139,26 @@ class Isolation:
 async def wait_until(
     probe: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.02
 ) -> T:
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds,
+    also when a probe itself has not answered by then."""
     deadline = time.monotonic() + timeout
-    last: T = await probe()
+
+    async def answer() -> T:
+        limit = asyncio.timeout(max(deadline - time.monotonic(), interval))
+        try:
+            async with limit:
+                return await probe()
+        except TimeoutError:
+            if not limit.expired():
+                raise  # the probe's own
+            raise AssertionError(f"the probe did not answer within {timeout}s") from None
+
+    last: T = await answer()
     while not last:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value {last!r})")
         await asyncio.sleep(interval)
-        last = await probe()
+        last = await answer()
     return last
 
 

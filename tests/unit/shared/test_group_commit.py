@@ -20,6 +20,7 @@ class Recorder:
         self.release.set()
         self.started = asyncio.Event()
         self.cancelled = 0
+        self.cancel_requests: list[int] = []
 
     async def __call__(self, items: Sequence[int]) -> list[int | BaseException]:
         self.batches.append(list(items))
@@ -28,6 +29,9 @@ class Recorder:
             await self.release.wait()
         except asyncio.CancelledError:
             self.cancelled += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self.cancel_requests.append(task.cancelling())
             raise
         return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
 
@@ -99,6 +103,21 @@ async def test_when_every_caller_gives_up_the_running_batch_is_cancelled() -> No
     assert await group.submit(2) == 20  # the group goes on
 
 
+async def test_callers_giving_up_together_cancel_their_batch_once() -> None:
+    # Cancelling a task twice is what left a PyMongo lock held for ever (see shared.mongo).
+    run = Recorder()
+    run.release.clear()
+    group = GroupCommit[int, int]("t", run)
+    callers = [asyncio.create_task(group.submit(i)) for i in (1, 2, 3)]
+    await run.started.wait()
+    assert run.batches == [[1, 2, 3]]
+    for caller in callers:
+        caller.cancel()  # one handler time limit, three handlers
+    await asyncio.gather(*callers, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert run.cancel_requests == [1]
+
+
 async def test_a_batch_with_a_caller_still_waiting_runs_on_for_it() -> None:
     run = Recorder()
     run.release.clear()
@@ -127,13 +146,24 @@ async def test_with_concurrency_two_a_second_batch_starts_while_the_first_runs()
     first = asyncio.create_task(group.submit(1))
     await run.started.wait()
     second = asyncio.create_task(group.submit(2))
+    for _ in range(5):  # let the submitted task and the batch tasks run to their waits
+        await asyncio.sleep(0)
     third = asyncio.create_task(group.submit(3))
-    for _ in range(5):  # let the submitted tasks and the batch tasks run to their waits
+    for _ in range(5):
         await asyncio.sleep(0)
     assert run.batches == [[1], [2]]  # two running; 3 waits for a free slot
     run.release.set()
     assert await asyncio.gather(first, second, third) == [10, 20, 30]
     assert run.batches == [[1], [2], [3]]
+
+
+async def test_items_submitted_in_one_turn_of_the_loop_share_a_batch_while_slots_are_free() -> None:
+    # Messages that come in one read from the broker start their handlers in one turn.
+    run = Recorder()
+    group = GroupCommit[int, int]("t", run, concurrency=4)
+    results = await asyncio.gather(group.submit(1), group.submit(2), group.submit(3))
+    assert results == [10, 20, 30]
+    assert run.batches == [[1, 2, 3]]
 
 
 @pytest.mark.parametrize("bad", [{"max_batch": 0}, {"concurrency": 0}])
