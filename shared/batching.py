@@ -58,6 +58,10 @@ class GroupCommit(Generic[I, R]):
         self._context = contextvars.copy_context()
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._running: dict[asyncio.Task[None], list[asyncio.Future[R]]] = {}
+        # Batches this group has cancelled: callers giving up together cancel a batch once
+        # (a second cancel while it unwinds can strand a database driver's lock, see
+        # shared.mongo); the task's own ``cancelling()`` would also count a time limit's.
+        self._cancelled: set[asyncio.Task[None]] = set()
         self._dispatch_scheduled_on: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: I) -> R:
@@ -80,9 +84,12 @@ class GroupCommit(Generic[I, R]):
             return await future
         except asyncio.CancelledError:
             for task, futures in self._running.items():
-                # Once: callers giving up together must not cancel the batch again while it
-                # unwinds (a second cancel can strand a database driver's lock).
-                if future in futures and all(f.done() for f in futures) and not task.cancelling():
+                if (
+                    future in futures
+                    and all(f.done() for f in futures)
+                    and task not in self._cancelled
+                ):
+                    self._cancelled.add(task)
                     task.cancel()
             raise
 
@@ -106,6 +113,7 @@ class GroupCommit(Generic[I, R]):
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
+        self._cancelled.discard(task)
         for future in self._running.pop(task, []):
             if not future.done():  # the batch was cancelled
                 future.cancel()

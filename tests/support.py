@@ -136,22 +136,28 @@ class Isolation:
         await channel.close()
 
 
+PROBE_GRACE_S = 5.0
+
+
 async def wait_until(
     probe: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.02
 ) -> T:
     """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds,
-    also when a probe itself has not answered by then."""
+    also when a probe itself has not answered a few seconds after that."""
     deadline = time.monotonic() + timeout
 
     async def answer() -> T:
-        limit = asyncio.timeout(max(deadline - time.monotonic(), interval))
+        # a probe under way at the deadline may finish (a get and its nack, say)
+        limit = asyncio.timeout(max(deadline - time.monotonic(), 0.0) + PROBE_GRACE_S)
         try:
             async with limit:
                 return await probe()
         except TimeoutError:
             if not limit.expired():
                 raise  # the probe's own
-            raise AssertionError(f"the probe did not answer within {timeout}s") from None
+            raise AssertionError(
+                f"the probe did not answer within {timeout}s + {PROBE_GRACE_S}s"
+            ) from None
 
     last: T = await answer()
     while not last:

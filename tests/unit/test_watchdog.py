@@ -56,3 +56,12 @@ def test_a_test_that_ends_in_time_is_left_alone(runner: pytest.Pytester) -> None
     runner.makepyfile(test_quick="async def test_quick():\n    pass\n")
     result = runner.runpytest_subprocess("-p", "tests.watchdog", timeout=60)
     result.assert_outcomes(passed=1)
+
+
+def test_a_longer_timeout_from_the_command_line_counts(runner: pytest.Pytester) -> None:
+    # ini: timeout 1 s + grace 2 s; --timeout 10 makes a 4 s test fine for both limits
+    runner.makepyfile(
+        test_slow="import asyncio\n\nasync def test_slow():\n    await asyncio.sleep(4)\n"
+    )
+    result = runner.runpytest_subprocess("-p", "tests.watchdog", "--timeout=10", timeout=60)
+    result.assert_outcomes(passed=1)

@@ -118,6 +118,38 @@ async def test_callers_giving_up_together_cancel_their_batch_once() -> None:
     assert run.cancel_requests == [1]
 
 
+async def test_a_batch_unwinding_its_own_time_limit_is_still_cancelled_when_callers_give_up() -> (
+    None
+):
+    # While a time limit inside the batch has fired and not yet ended, the task counts a cancel
+    # request of its own; its callers giving up must still cancel it.
+    unwinding = asyncio.Event()
+    outcome: list[str] = []
+
+    async def run(items: Sequence[int]) -> list[int | BaseException]:
+        try:
+            async with asyncio.timeout(0.01):
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    unwinding.set()  # like a driver taking its lock back before it leaves
+                    await asyncio.sleep(3600)
+                    raise
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        return list(items)
+
+    group = GroupCommit[int, int]("t", run)
+    caller = asyncio.create_task(group.submit(1))
+    await asyncio.wait_for(unwinding.wait(), 5)
+    caller.cancel()
+    await asyncio.gather(caller, return_exceptions=True)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert outcome == ["cancelled"]
+
+
 async def test_a_batch_with_a_caller_still_waiting_runs_on_for_it() -> None:
     run = Recorder()
     run.release.clear()
