@@ -19,7 +19,7 @@ invitation.accepted --error TimeoutError`, as its own process. Three runs:
    are set back to ``replaying``, as a run that died after publishing them and before
    marking them leaves them, and replayed with ``--include-interrupted``, so billing
    receives those events a second time. (Three full replays would not fit the part's two
-   minutes: the replay command handles one letter at a time, see the README.)
+   minutes; the crash window of a real run is at most one batch anyway.)
 
 The proof: after run 1 the ledger has exactly one `referral:<id>:referee` entry per letter,
 every referee balance is 500, the tap saw 10,000 distinct credits; after runs 2 and 3

@@ -31,18 +31,21 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, ReadPreference, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
 from shared.logging import mask_url
 from shared.mongo import Document, create_client
-from shared.publisher import ConfirmingPublisher
+from shared.publisher import ConfirmingPublisher, PublishRejectedError, UnroutableError
 
 FAILURE_HEADER_PREFIX = "x-grantwire-"
 H_REPLAY = "x-grantwire-replay"
 SERVICES = ("organizations", "invitations", "billing")
+# The broker answered for the letter itself: it was not taken, and may be sent again.
+_REFUSED = (UnroutableError, PublishRejectedError)
 
 
 class DlqSettings(BaseSettings):
@@ -205,6 +208,7 @@ class ReplayReport:
     failed: int = 0
     skipped: int = 0
     interrupted_before: int = 0
+    in_doubt: int = 0
     dry_run: bool = False
     duration_s: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -224,7 +228,13 @@ async def replay(
     progress: Callable[[int, int], None] | None = None,
     show: Callable[[Document], None] | None = None,
 ) -> ReplayReport:
-    """Replay the dead letters ``flt`` selects; see the module docstring for the rules."""
+    """Replay the dead letters ``flt`` selects; see the module docstring for the rules.
+
+    Batch by batch (``batch_size`` letters): one update claims the batch, its messages go
+    out with pipelined confirms (one by one at ``rate``), one bulk write marks each letter
+    replayed or, when the broker refused it, dead again. An interrupted run leaves at most
+    one batch ``replaying``.
+    """
     report = ReplayReport(operation_id=uuid.uuid4().hex, dry_run=dry_run)
     started = time.monotonic()
     letters = await store.find(flt)
@@ -234,24 +244,33 @@ async def replay(
             await store.find(Filter(**{**flt.__dict__, "statuses": ("replaying",)}))
         )
     touched: set[str] = set()
-    interval = 1.0 / rate if rate else 0.0
-    next_at = time.monotonic()
-    for start in range(0, len(letters), batch_size):
-        for doc in letters[start : start + batch_size]:
+    pace = _Pace(rate)
+    # At a rate, one letter at a time: nothing stays claimed while the run waits its turn.
+    step = 1 if rate else batch_size
+    for start in range(0, len(letters), step):
+        batch = letters[start : start + step]
+        for doc in batch:
             if show is not None:
                 show(doc)
-            if dry_run:
-                continue
-            if interval:
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                next_at = max(next_at + interval, time.monotonic())
-            outcome = await _replay_one(
-                store, publisher, doc, report, operator, reason, to_queue, flt.statuses
-            )
-            if outcome:
-                touched.add(doc["service"])
-            if progress is not None:
-                progress(report.replayed + report.failed + report.skipped, report.selected)
+        if dry_run:
+            continue
+        assert publisher is not None
+        for service, docs in _by_service(batch).items():
+            if await _replay_batch(
+                store.db(service)[DEAD_LETTERS],
+                publisher,
+                docs,
+                report,
+                _ReplayRequest(operator, reason, to_queue, flt.statuses),
+                pace,
+            ):
+                touched.add(service)
+            if report.in_doubt:
+                break
+        if progress is not None:
+            progress(report.replayed + report.failed + report.skipped, report.selected)
+        if report.in_doubt:  # the channel or connection is gone: stop, nothing more to send
+            break
     report.duration_s = round(time.monotonic() - started, 3)
     if not dry_run:
         await store.audit(
@@ -273,68 +292,161 @@ async def replay(
     return report
 
 
-async def _replay_one(
-    store: DeadLetterStore,
-    publisher: ConfirmingPublisher | None,
-    doc: Document,
+@dataclass(frozen=True)
+class _ReplayRequest:
+    operator: str
+    reason: str
+    to_queue: str | None
+    statuses: tuple[str, ...]
+
+
+class _Pace:
+    """At most ``rate`` publishes per second (no limit without one)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self._next_at = time.monotonic()
+
+    async def turn(self) -> None:
+        await asyncio.sleep(max(0.0, self._next_at - time.monotonic()))
+        self._next_at = max(self._next_at + self.interval, time.monotonic())
+
+
+def _by_service(letters: list[Document]) -> dict[str, list[Document]]:
+    groups: dict[str, list[Document]] = {}
+    for doc in letters:
+        groups.setdefault(doc["service"], []).append(doc)
+    return groups
+
+
+async def _replay_batch(
+    collection: AsyncCollection[Document],
+    publisher: ConfirmingPublisher,
+    docs: list[Document],
     report: ReplayReport,
-    operator: str,
-    reason: str,
-    to_queue: str | None,
-    statuses: tuple[str, ...],
+    request: _ReplayRequest,
+    pace: _Pace,
 ) -> bool:
-    assert publisher is not None
-    collection = store.db(doc["service"])[DEAD_LETTERS]
-    now = datetime.now(UTC)
-    replay_info = {
-        "by": operator,
-        "at": now.isoformat(),
-        "reason": reason,
-        "operation_id": report.operation_id,
-        "dead_letter_id": str(doc["_id"]),
-    }
-    claimed = await collection.find_one_and_update(
-        {"_id": doc["_id"], "status": {"$in": list(statuses)}},
+    """Claim, publish and mark one batch of one service's letters; True when it touched any.
+
+    A letter the broker refused (unroutable, nacked) is dead again; one whose publish ended
+    any other way (channel or connection closed under it) may have reached the broker, so
+    it stays ``replaying`` for the operator to check (``--include-interrupted``), and the
+    run stops there (``in_doubt``).
+    """
+    ids = [doc["_id"] for doc in docs]
+    await collection.update_many(
+        {"_id": {"$in": ids}, "status": {"$in": list(request.statuses)}},
         {"$set": {"status": "replaying", "claim": report.operation_id}},
     )
-    if claimed is None:
-        report.skipped += 1
+    primary = collection.with_options(read_preference=ReadPreference.PRIMARY)
+    ours = {
+        d["_id"]
+        async for d in primary.find(
+            {"_id": {"$in": ids}, "status": "replaying", "claim": report.operation_id},
+            {"_id": 1},
+        )
+    }
+    claimed = [doc for doc in docs if doc["_id"] in ours]  # the rest: replayed or purged since
+    report.skipped += len(docs) - len(claimed)
+    if not claimed:
         return False
-    exchange = "" if to_queue else doc["original_exchange"]
-    routing_key = to_queue or doc["original_routing_key"]
-    try:
+    now = datetime.now(UTC)
+
+    def info(doc: Document) -> Document:
+        return {
+            "by": request.operator,
+            "at": now.isoformat(),
+            "reason": request.reason,
+            "operation_id": report.operation_id,
+            "dead_letter_id": str(doc["_id"]),
+        }
+
+    def target(doc: Document) -> tuple[str, str]:
+        if request.to_queue:
+            return "", request.to_queue
+        return doc["original_exchange"], doc["original_routing_key"]
+
+    async def send(doc: Document) -> None:
+        exchange, routing_key = target(doc)
+        if pace.interval:
+            await pace.turn()
         await publisher.publish_message(
-            replay_message(doc, replay_info), exchange=exchange, routing_key=routing_key
+            replay_message(doc, info(doc)), exchange=exchange, routing_key=routing_key
         )
-    except Exception as exc:
-        report.failed += 1
-        report.errors.append(f"{doc['_id']}: {type(exc).__name__}: {exc}")
-        await collection.update_one(
-            {"_id": doc["_id"]},
-            {
-                "$set": {"status": "dead"},
-                "$unset": {"claim": ""},
-                "$push": {"history": {**replay_info, "action": "replay_failed", "error": str(exc)}},
-            },
+
+    outcomes: list[BaseException | None] = []
+    for wave in _waves(claimed):
+        # In order on one channel, confirms pipelined. The client matches a returned
+        # (unroutable) message to its publish by message id, so a wave never holds two
+        # letters of one message id.
+        results = await asyncio.gather(*(send(doc) for doc in wave), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            outcomes.append(result)
+        if any(r is not None and not isinstance(r, _REFUSED) for r in results):
+            break  # the channel is most likely gone: what follows is not sent
+    marks: list[UpdateOne] = []
+    for doc, error in zip(claimed, outcomes, strict=False):
+        mine = {"_id": doc["_id"], "claim": report.operation_id}
+        if error is None:
+            report.replayed += 1
+            exchange, routing_key = target(doc)
+            history = {
+                **info(doc),
+                "action": "replayed",
+                "exchange": exchange,
+                "routing_key": routing_key,
+            }
+            change: Document = {"$set": {"status": "replayed", "replayed_at": now}}
+        elif isinstance(error, _REFUSED):
+            report.failed += 1
+            report.errors.append(f"{doc['_id']}: {type(error).__name__}: {error}")
+            history = {**info(doc), "action": "replay_failed", "error": str(error)}
+            change = {"$set": {"status": "dead"}}
+        else:
+            report.in_doubt += 1
+            report.errors.append(
+                f"{doc['_id']}: in doubt, left replaying: {type(error).__name__}: {error}"
+            )
+            marks.append(
+                UpdateOne(
+                    mine,
+                    {
+                        "$push": {
+                            "history": {**info(doc), "action": "in_doubt", "error": str(error)}
+                        }
+                    },
+                )
+            )
+            continue
+        marks.append(
+            UpdateOne(mine, {**change, "$unset": {"claim": ""}, "$push": {"history": history}})
         )
-        return True
-    await collection.update_one(
-        {"_id": doc["_id"]},
-        {
-            "$set": {"status": "replayed", "replayed_at": now},
-            "$unset": {"claim": ""},
-            "$push": {
-                "history": {
-                    **replay_info,
-                    "action": "replayed",
-                    "exchange": exchange,
-                    "routing_key": routing_key,
-                }
-            },
-        },
-    )
-    report.replayed += 1
+    for doc in claimed[len(outcomes) :]:  # never published: back as they were
+        marks.append(
+            UpdateOne(
+                {"_id": doc["_id"], "claim": report.operation_id},
+                {"$set": {"status": doc["status"]}, "$unset": {"claim": ""}},
+            )
+        )
+    await collection.bulk_write(marks, ordered=False)
     return True
+
+
+def _waves(letters: list[Document]) -> list[list[Document]]:
+    """``letters`` in order, cut wherever a message id would repeat within a wave."""
+    waves: list[list[Document]] = [[]]
+    seen: set[Any] = set()
+    for doc in letters:
+        message_id = doc["message_id"]
+        if message_id in seen:
+            waves.append([])
+            seen = set()
+        waves[-1].append(doc)
+        seen.add(message_id)
+    return waves
 
 
 async def purge(
@@ -590,7 +702,13 @@ def replay_command(
             "not re-sent; check them, then use --include-interrupted",
             err=True,
         )
-    if report.failed:
+    if report.in_doubt:
+        typer.echo(
+            f"note: the broker connection failed under {report.in_doubt} letters; they may have "
+            "been delivered and are left replaying (see errors); the run stopped there",
+            err=True,
+        )
+    if report.failed or report.in_doubt:
         raise typer.Exit(1)
 
 

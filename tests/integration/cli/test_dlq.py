@@ -70,6 +70,11 @@ async def run(isolation: Isolation, *args: str) -> Any:
     return result
 
 
+def report_of(result: Any) -> Any:
+    """The replay report: the one JSON line among the command's output and notes."""
+    return json.loads(next(line for line in result.output.splitlines() if line[:1] == "{"))
+
+
 async def archived(runtime: ServiceRuntime, count: int) -> bool:
     return await runtime.db[DEAD_LETTERS].count_documents({}) >= count
 
@@ -217,6 +222,121 @@ async def test_replayed_message_keeps_id_correlation_and_body_and_says_who_repla
     replay = json.loads(message.headers["x-grantwire-replay"])
     assert replay["by"] == "ops-test" and replay["reason"] == "look"
     assert "x-grantwire-attempts" not in message.headers  # a replay starts its retries afresh
+
+
+async def test_batches_the_broker_partly_refuses_mark_each_letter_by_its_own_outcome(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    runtime, dependency = kit
+    sent = [await publish_event(amqp, isolation.naming, _signup(i)) for i in range(5)]
+    await wait_until(lambda: archived(runtime, 5), timeout=15)
+    by_message = {d["message_id"]: d for d in await runtime.db[DEAD_LETTERS].find({}).to_list()}
+    letters = [by_message[e.id] for e in sent]
+    # letters 1 and 3 came straight to a queue that is gone since (the default exchange)
+    refused = {letters[1]["_id"], letters[3]["_id"]}
+    await runtime.db[DEAD_LETTERS].update_many(
+        {"_id": {"$in": list(refused)}},
+        {"$set": {"original_exchange": "", "original_routing_key": "gone." + sent[0].id}},
+    )
+    # letter 2 carries letter 1's message id (an event dead-lettered twice): the broker's
+    # return of letter 1 must not be taken for letter 2's
+    await runtime.db[DEAD_LETTERS].update_one(
+        {"_id": letters[2]["_id"]},
+        {"$set": {"message_id": sent[1].id, "properties.message_id": sent[1].id}},
+    )
+    dependency.broken = False
+    result = await asyncio.to_thread(
+        cli,
+        isolation,
+        "dlq",
+        "replay",
+        "--service",
+        "kit",
+        "--reason",
+        "fixed",
+        "--batch-size",
+        "3",
+    )
+    assert result.exit_code == 1, result.output  # an operator sees that some failed
+    report = report_of(result)
+    assert (report["selected"], report["replayed"], report["failed"]) == (5, 3, 2)
+    assert (report["skipped"], report["in_doubt"]) == (0, 0)
+    assert {e.split(":")[0] for e in report["errors"]} == {str(i) for i in refused}
+    assert all("UnroutableError" in e for e in report["errors"])
+
+    async def delivered_three() -> bool:
+        return len(dependency.applied) == 3
+
+    await wait_until(delivered_three)
+    after = {d["_id"]: d for d in await runtime.db[DEAD_LETTERS].find({}).to_list()}
+    assert {i: d["status"] for i, d in after.items()} == {
+        d["_id"]: ("dead" if d["_id"] in refused else "replayed") for d in letters
+    }
+    assert all("claim" not in d for d in after.values())
+    for letter_id, doc in after.items():
+        last = doc["history"][-1]
+        if letter_id in refused:
+            assert last["action"] == "replay_failed" and "gone." in last["error"]
+        else:
+            assert last["action"] == "replayed" and last["dead_letter_id"] == str(letter_id)
+
+
+async def test_a_connection_lost_under_a_batch_leaves_its_letters_in_doubt_not_dead(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    runtime, dependency = kit
+    sent = [await publish_event(amqp, isolation.naming, _signup(i)) for i in range(3)]
+    await wait_until(lambda: archived(runtime, 3), timeout=15)
+    letter = await runtime.db[DEAD_LETTERS].find_one({"message_id": sent[1].id})
+    assert letter is not None
+    # its exchange is gone: the broker closes the replay's channel, and with it every
+    # confirm still pending there, whether or not the broker had taken that message
+    await runtime.db[DEAD_LETTERS].update_one(
+        {"_id": letter["_id"]}, {"$set": {"original_exchange": "gone." + sent[1].id}}
+    )
+    dependency.broken = False
+    result = await asyncio.to_thread(
+        cli, isolation, "dlq", "replay", "--service", "kit", "--reason", "fixed"
+    )
+    assert result.exit_code == 1, result.output
+    report = report_of(result)
+    assert report["in_doubt"] >= 1 and report["failed"] == 0
+    status = {
+        d["message_id"]: d["status"] for d in await runtime.db[DEAD_LETTERS].find({}).to_list()
+    }
+    assert status[sent[1].id] == "replaying"  # may have been delivered: not dead, not re-sent
+    assert set(status.values()) <= {"replaying", "replayed"}
+
+    # the next run sends none of them by itself; the operator fixes the cause and asks
+    quiet = report_of(
+        await run(isolation, "dlq", "replay", "--service", "kit", "--reason", "again")
+    )
+    assert quiet["selected"] == 0 and quiet["interrupted_before"] == report["in_doubt"]
+    await runtime.db[DEAD_LETTERS].update_one(
+        {"_id": letter["_id"]}, {"$set": {"original_exchange": letter["original_exchange"]}}
+    )
+    fixed = report_of(
+        await run(
+            isolation,
+            "dlq",
+            "replay",
+            "--service",
+            "kit",
+            "--reason",
+            "exchange back",
+            "--include-interrupted",
+        )
+    )
+    assert fixed["replayed"] == report["in_doubt"] and fixed["in_doubt"] == 0
+
+    async def all_three() -> bool:
+        return sorted(dependency.applied) == sorted(e.id for e in sent)
+
+    await wait_until(all_three)
 
 
 async def test_purge_needs_confirmation_off_a_terminal(
