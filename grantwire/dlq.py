@@ -2,10 +2,11 @@
 
 Dead letters are read from each service's ``dead_letters`` collection (the services'
 keepers move them there from the broker), so listing never consumes, requeues or
-reorders anything in RabbitMQ. Replay claims each letter (``dead`` -> ``replaying``)
-before publishing it with its original message id, correlation id and body, and marks
-it ``replayed`` after the broker's confirm: an interrupted run never re-sends a letter
-by itself on the next run. Purge archives (``purged``, expired by a TTL index later).
+reorders anything in RabbitMQ. Replay claims a batch of letters (``dead`` ->
+``replaying``) before publishing them with their original message id, correlation id and
+body, and marks each ``replayed`` after the broker's confirm (``dead`` again when the broker
+refused it; left ``replaying``, in doubt, when the connection failed under it): an
+interrupted run never re-sends a letter by itself on the next run. Purge archives (``purged``, expired by a TTL index later).
 Every replay and purge writes an audit record.
 """
 
