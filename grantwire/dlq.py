@@ -6,8 +6,8 @@ reorders anything in RabbitMQ. Replay claims a batch of letters (``dead`` ->
 ``replaying``) before publishing them with their original message id, correlation id and
 body, and marks each ``replayed`` after the broker's confirm (``dead`` again when the broker
 refused it; left ``replaying``, in doubt, when the connection failed under it): an
-interrupted run never re-sends a letter by itself on the next run. Purge archives (``purged``, expired by a TTL index later).
-Every replay and purge writes an audit record.
+interrupted run never re-sends a letter by itself on the next run. Purge archives
+(``purged``, expired by a TTL index later). Every replay and purge writes an audit record.
 """
 
 from __future__ import annotations
