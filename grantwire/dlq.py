@@ -233,8 +233,9 @@ async def replay(
 
     Batch by batch (``batch_size`` letters): one update claims the batch, its messages go
     out with pipelined confirms (one by one at ``rate``), one bulk write marks each letter
-    replayed or, when the broker refused it, dead again. An interrupted run leaves at most
-    one batch ``replaying``.
+    replayed or, when the broker refused it, dead again; a letter whose connection failed
+    under it stays ``replaying`` (in doubt) and the run stops. An interrupted run leaves at
+    most one batch ``replaying``.
     """
     report = ReplayReport(operation_id=uuid.uuid4().hex, dry_run=dry_run)
     started = time.monotonic()
@@ -245,6 +246,7 @@ async def replay(
             await store.find(Filter(**{**flt.__dict__, "statuses": ("replaying",)}))
         )
     touched: set[str] = set()
+    request = _ReplayRequest(operator, reason, to_queue, flt.statuses)
     pace = _Pace(rate)
     # At a rate, one letter at a time: nothing stays claimed while the run waits its turn.
     step = 1 if rate else batch_size
@@ -262,7 +264,7 @@ async def replay(
                 publisher,
                 docs,
                 report,
-                _ReplayRequest(operator, reason, to_queue, flt.statuses),
+                request,
                 pace,
             ):
                 touched.add(service)

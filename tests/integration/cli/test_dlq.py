@@ -79,6 +79,15 @@ async def archived(runtime: ServiceRuntime, count: int) -> bool:
     return await runtime.db[DEAD_LETTERS].count_documents({}) >= count
 
 
+async def dead_signups(
+    runtime: ServiceRuntime, amqp: AbstractRobustConnection, isolation: Isolation, n: int
+) -> list[Envelope]:
+    """``n`` sign-ups published while the kit's dependency is broken, once all are archived."""
+    sent = [await publish_event(amqp, isolation.naming, _signup(i)) for i in range(n)]
+    await wait_until(lambda: archived(runtime, n), timeout=15)
+    return sent
+
+
 async def queue_depths(amqp: AbstractRobustConnection, isolation: Isolation) -> tuple[int, int]:
     channel = await amqp.channel()
     work = await channel.declare_queue(WORK.name(isolation.naming), passive=True)
@@ -94,8 +103,7 @@ async def test_operator_finds_fixes_and_replays_dead_letters_exactly_once(
     isolation: Isolation,
 ) -> None:
     runtime, dependency = kit
-    old = [await publish_event(amqp, isolation.naming, _signup(i)) for i in range(3)]
-    await wait_until(lambda: archived(runtime, 3), timeout=15)
+    old = await dead_signups(runtime, amqp, isolation, 3)
     cut_off = datetime.now(UTC)
     newer = await publish_event(amqp, isolation.naming, _signup(99))
     await wait_until(lambda: archived(runtime, 4), timeout=15)
@@ -230,8 +238,7 @@ async def test_batches_the_broker_partly_refuses_mark_each_letter_by_its_own_out
     isolation: Isolation,
 ) -> None:
     runtime, dependency = kit
-    sent = [await publish_event(amqp, isolation.naming, _signup(i)) for i in range(5)]
-    await wait_until(lambda: archived(runtime, 5), timeout=15)
+    sent = await dead_signups(runtime, amqp, isolation, 5)
     by_message = {d["message_id"]: d for d in await runtime.db[DEAD_LETTERS].find({}).to_list()}
     letters = [by_message[e.id] for e in sent]
     # letters 1 and 3 came straight to a queue that is gone since (the default exchange)
@@ -289,8 +296,7 @@ async def test_a_connection_lost_under_a_batch_leaves_its_letters_in_doubt_not_d
     isolation: Isolation,
 ) -> None:
     runtime, dependency = kit
-    sent = [await publish_event(amqp, isolation.naming, _signup(i)) for i in range(3)]
-    await wait_until(lambda: archived(runtime, 3), timeout=15)
+    sent = await dead_signups(runtime, amqp, isolation, 3)
     letter = await runtime.db[DEAD_LETTERS].find_one({"message_id": sent[1].id})
     assert letter is not None
     # its exchange is gone: the broker closes the replay's channel, and with it every

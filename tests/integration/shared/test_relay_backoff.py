@@ -3,6 +3,8 @@ stop the relay from publishing everyone else's events (real MongoDB and RabbitMQ
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from shared.contracts import OrganizationCreated, OrganizationProvisioned
@@ -26,9 +29,20 @@ BATCH = 4
 STUCK = 2 * BATCH + 1  # waiting documents beyond the first two reads
 
 
-async def test_a_full_batch_backing_off_does_not_hold_up_other_aggregates(
-    isolation: Isolation, amqp: AbstractRobustConnection
-) -> None:
+@dataclass
+class Outbox:
+    """An outbox of its own, a confirming publisher and a tap on organization.provisioned."""
+
+    client: AsyncMongoClient[Any]
+    db: AsyncDatabase[Any]
+    publisher: ConfirmingPublisher
+    tap: EventTap
+
+
+@pytest.fixture
+async def outbox(
+    isolation: Isolation, amqp: AbstractRobustConnection, mongo: AsyncMongoClient[Any]
+) -> AsyncIterator[Outbox]:
     # No event log: only organization.provisioned has a queue; organization.created is
     # unroutable, so its documents fail and back off.
     runtime = ServiceRuntime(
@@ -38,14 +52,25 @@ async def test_a_full_batch_backing_off_does_not_hold_up_other_aggregates(
     )
     await runtime.start(consume=False)
     tap = await EventTap.open(amqp, isolation.naming, ["organization.provisioned"])
-    client: AsyncMongoClient[Any] = AsyncMongoClient(
-        isolation.urls.mongo_url, w="majority", tz_aware=True
-    )
-    db = client[isolation.db_name("relaybackoff_own")]
+    db = mongo[isolation.db_name("relaybackoff_own")]
     await ensure_indexes(db, outbox_indexes(timedelta(days=1)))
     publisher = await ConfirmingPublisher.open(amqp, isolation.naming.events_exchange)
+    yield Outbox(mongo, db, publisher, tap)
+    await runtime.stop()
+    await mongo.drop_database(db.name)
+
+
+async def test_a_full_batch_backing_off_does_not_hold_up_other_aggregates(
+    outbox: Outbox,
+) -> None:
+    client, db, tap = outbox.client, outbox.db, outbox.tap
     relay = OutboxRelay(
-        db, publisher, owner="relay", poll_interval_s=0.1, batch_size=BATCH, max_backoff_s=60.0
+        db,
+        outbox.publisher,
+        owner="relay",
+        poll_interval_s=0.1,
+        batch_size=BATCH,
+        max_backoff_s=60.0,
     )
 
     async def stage(envelope: Envelope, aggregate_id: str) -> None:
@@ -106,57 +131,37 @@ async def test_a_full_batch_backing_off_does_not_hold_up_other_aggregates(
         assert retried is not None and retried["attempts"] == 2
     finally:
         await relay.stop(flush_timeout_s=0.5)
-        await runtime.stop()
-        await client.drop_database(db.name)
-        await client.close()
 
 
 async def test_when_reading_past_waiting_aggregates_fails_the_oldest_batch_still_goes(
-    isolation: Isolation, amqp: AbstractRobustConnection, monkeypatch: pytest.MonkeyPatch
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runtime = ServiceRuntime(
-        service="relaybackoff2",
-        settings=isolation.settings(ServiceSettings, "relaybackoff2", event_log_enabled=False),
-        indexes={},
-    )
-    await runtime.start(consume=False)
-    tap = await EventTap.open(amqp, isolation.naming, ["organization.provisioned"])
-    client: AsyncMongoClient[Any] = AsyncMongoClient(
-        isolation.urls.mongo_url, w="majority", tz_aware=True
-    )
-    db = client[isolation.db_name("relaybackoff2_own")]
-    await ensure_indexes(db, outbox_indexes(timedelta(days=1)))
-    publisher = await ConfirmingPublisher.open(amqp, isolation.naming.events_exchange)
+    client, db, tap = outbox.client, outbox.db, outbox.tap
     # Not started: the test drains by hand, so nothing else reads the outbox.
-    relay = OutboxRelay(db, publisher, owner="relay", batch_size=BATCH)
-    try:
-        envelopes = [
-            Envelope.new(
-                OrganizationProvisioned(user_id=f"u-{k}", organization_id=f"org-{k}"), source="t"
-            )
-            for k in range(BATCH + 1)
-        ]
-        for k, envelope in enumerate(envelopes):
-
-            async def work(session: AsyncClientSession, e: Envelope = envelope, k: int = k) -> None:
-                await stage_events(db, session, [e], aggregate_id=f"org-{k}")
-
-            await run_in_transaction(client, work)
-        # The oldest batch: BATCH - 1 documents backing off, then org-3's, due.
-        later = datetime.now(UTC) + timedelta(hours=1)
-        await db[OUTBOX].update_many(
-            {"aggregate_id": {"$in": [f"org-{k}" for k in range(BATCH - 1)]}},
-            {"$set": {"attempts": 1, "next_attempt_at": later}},
+    relay = OutboxRelay(db, outbox.publisher, owner="relay", batch_size=BATCH)
+    envelopes = [
+        Envelope.new(
+            OrganizationProvisioned(user_id=f"u-{k}", organization_id=f"org-{k}"), source="t"
         )
+        for k in range(BATCH + 1)
+    ]
+    for k, envelope in enumerate(envelopes):
 
-        async def fail(_now: datetime) -> list[str]:
-            raise PyMongoError("waiting set unavailable")
+        async def work(session: AsyncClientSession, e: Envelope = envelope, k: int = k) -> None:
+            await stage_events(db, session, [e], aggregate_id=f"org-{k}")
 
-        monkeypatch.setattr(relay, "_waiting_aggregates", fail)
-        assert await relay.drain_once() == (1, 0)
-        await tap.wait_for(lambda ms: len(ms) == 1)
-        assert [m.message_id for m in tap.messages] == [envelopes[BATCH - 1].id]
-    finally:
-        await runtime.stop()
-        await client.drop_database(db.name)
-        await client.close()
+        await run_in_transaction(client, work)
+    # The oldest batch: BATCH - 1 documents backing off, then org-3's, due.
+    later = datetime.now(UTC) + timedelta(hours=1)
+    await db[OUTBOX].update_many(
+        {"aggregate_id": {"$in": [f"org-{k}" for k in range(BATCH - 1)]}},
+        {"$set": {"attempts": 1, "next_attempt_at": later}},
+    )
+
+    async def fail(_now: datetime) -> list[str]:
+        raise PyMongoError("waiting set unavailable")
+
+    monkeypatch.setattr(relay, "_waiting_aggregates", fail)
+    assert await relay.drain_once() == (1, 0)
+    await tap.wait_for(lambda ms: len(ms) == 1)
+    assert [m.message_id for m in tap.messages] == [envelopes[BATCH - 1].id]
