@@ -24,7 +24,7 @@ from typing import Any
 import aio_pika
 from pymongo import AsyncMongoClient
 
-from bench import profiling
+from bench import ceiling, profiling
 from bench.common import (
     Bench,
     CpuMeter,
@@ -43,6 +43,8 @@ from bench.common import (
 from grantwire.system import LocalSystem
 from shared.contracts import InvitationAccepted, OrganizationProvisioned
 from shared.envelope import Envelope
+from shared.settings import ServiceSettings
+from shared.topology import Naming, declare_event_log
 
 PART = "pipeline"
 # One indicative run without batching (one event per transaction, the old prefetch).
@@ -135,19 +137,23 @@ async def burst(
 async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
     runs = 3
     n = 1_000 if bench.quick else 2_000
-    out(f"  starting the services (namespace {bench.naming(PART).namespace})")
     system: LocalSystem | None = None
     connection = None
     mongo: AsyncMongoClient[Any] = AsyncMongoClient(bench.mongo_url)
     try:
-        system = await start_system(bench, PART)  # the shipped defaults
-        service_pids = pids(system)
-        idle_memory = {name: proc_memory_mb(pid)["rss_mb"] for name, pid in service_pids.items()}
-        named = {**service_pids, **infra_pids()}
         connection = await aio_pika.connect_robust(bench.amqp_url)
         naming = bench.naming(PART)
         tap = await CreditTap.open(connection, naming)
         publisher = await Pipelined.open(connection, naming)
+        base = (baseline or {}).get("throughput_msgs_per_s", {}).get("median")
+        out("  ceiling: the same messages with no database and no Grantwire code (a raw")
+        out("  aio-pika echo process in billing's place, bench/ceiling.py)")
+        ceiling_figure = await _ceiling(bench, connection, naming, publisher, tap, mongo, n, base)
+        out(f"  starting the services (namespace {naming.namespace})")
+        system = await start_system(bench, PART)  # the shipped defaults
+        service_pids = pids(system)
+        idle_memory = {name: proc_memory_mb(pid)["rss_mb"] for name, pid in service_pids.items()}
+        named = {**service_pids, **infra_pids()}
         billing_db = f"{bench.db_prefix(PART)}_billing"
         tags = [f"r{k}" for k in range(runs)] + (["prof"] if bench.profile else []) + ["var"]
         seeded: dict[str, list[str]] = {}
@@ -202,7 +208,6 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
         await cleanup_part(bench, PART)
     rates = [r["grants_per_s"] for r in results]
     figure = spread(rates, 0)
-    base = (baseline or {}).get("throughput_msgs_per_s", {}).get("median")
     return {
         "what": "organization.provisioned burst for referees with a pending accepted referral "
         "(seeded through billing with invitation.accepted); one referee grant per event "
@@ -215,6 +220,8 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
         "baseline_msgs_per_s": base,
         "ratio_to_baseline": round(figure["median"] / base, 3) if base else None,
         "target_ratio": 0.35,
+        "ceiling": ceiling_figure,
+        "share_of_ceiling": round(figure["median"] / ceiling_figure["grants_per_s"]["median"], 3),
         "runs": results,
         "seeding_accepted_per_s": spread(seed_rates, 0),
         "profile": profile,
@@ -222,6 +229,52 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
         "memory": memory,
         "exit_codes": codes,
         "publish_errors": len(publisher.errors),
+    }
+
+
+async def _ceiling(
+    bench: Bench,
+    connection: Any,
+    naming: Naming,
+    publisher: Pipelined,
+    tap: CreditTap,
+    mongo: AsyncMongoClient[Any],
+    n: int,
+    baseline: float | None,
+) -> dict[str, Any]:
+    """The pipeline's messages alone (``bench/ceiling.py``), before the services start:
+    first without the event-log stream, then with it, as the services declare it."""
+    echo = ceiling.EchoProcess(
+        bench.amqp_url, naming.events_exchange, naming.namespace + ceiling.WORK_QUEUE
+    )
+    figures: dict[str, dict[str, Any]] = {}
+    try:
+        await echo.ready()
+        named = {"echo": echo.pid, **infra_pids()}
+        for variant in ("without_event_log", "as_shipped"):
+            if variant == "as_shipped":
+                channel = await connection.channel()
+                max_age = ServiceSettings.model_fields["event_log_max_age"].default
+                await declare_event_log(channel, naming, max_age)
+                await channel.close()
+            results = []
+            for k in range(3):
+                tag = f"{variant[0]}{k}"
+                ids = [f"inv-{tag}-{i:06d}" for i in range(n)]
+                results.append(await burst(publisher, tap, tag, ids, named, mongo, 60))
+            figures[variant] = figure = ceiling.summary(results, baseline)
+            rates = figure["grants_per_s"]
+            out(
+                f"  ceiling {variant.replace('_', ' ')}: {rates['median']:,.0f} grants/s "
+                f"(min {rates['min']:,.0f}, max {rates['max']:,.0f}); ratio "
+                f"{figure['ratio_to_baseline']} of the baseline"
+            )
+    finally:
+        await asyncio.to_thread(echo.stop)
+    return {
+        "what": ceiling.WHAT,
+        **figures["as_shipped"],
+        "without_event_log": figures["without_event_log"],
     }
 
 

@@ -130,6 +130,23 @@ def figures(latest: dict[str, Any]) -> list[dict[str, str]]:
                 "command": p["command"],
             }
         )
+        c = p.get("ceiling")
+        if c:
+            bare = c["without_event_log"]
+            rows.append(
+                {
+                    "figure": "2. ceiling: the same messages, no database, no Grantwire code "
+                    "(raw aio-pika echo in billing's place)",
+                    "result": f"{_range(c['grants_per_s'])} grants/s as shipped; "
+                    f"{_range(bare['grants_per_s'])} without the event-log stream",
+                    "baseline": f"ratio {c['ratio_to_baseline']} (without the event log "
+                    f"{bare['ratio_to_baseline']}); the pipeline reaches "
+                    f"{p['share_of_ceiling']} of it",
+                    "target": "(what bounds figure 2)",
+                    "verdict": "-",
+                    "command": p["command"],
+                }
+            )
     for key in [k for k in parts if k == "latency" or k.startswith("latency@")]:
         lt = parts[key]
         s = lt["latency"]
@@ -227,7 +244,8 @@ def _row_parts(parts: dict[str, Any]) -> list[tuple[str, ...]]:
     """The parts behind each row of ``figures``, in the same order."""
     keys: list[tuple[str, ...]] = []
     keys += [("baseline",)] if "baseline" in parts else []
-    keys += [("pipeline",)] if "pipeline" in parts else []
+    if "pipeline" in parts:
+        keys += [("pipeline",)] * (2 if parts["pipeline"].get("ceiling") else 1)
     keys += [(k,) for k in parts if k == "latency" or k.startswith("latency@")]
     keys += [("reconcile",)] if "reconcile" in parts else []
     keys += [("dlq",)] if "dlq" in parts else []
