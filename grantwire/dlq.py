@@ -6,8 +6,11 @@ reorders anything in RabbitMQ. Replay claims a batch of letters (``dead`` ->
 ``replaying``) before publishing them with their original message id, correlation id and
 body, and marks each ``replayed`` after the broker's confirm (``dead`` again when the broker
 refused it; left ``replaying``, in doubt, when the connection failed under it): an
-interrupted run never re-sends a letter by itself on the next run. Purge archives
-(``purged``, expired by a TTL index later). Every replay and purge writes an audit record.
+interrupted run never re-sends a letter by itself on the next run. ``--include-interrupted``
+takes such letters over, but never from a run that may still be going: a claim carries its
+time, and only a letter its run let go (in doubt) or a claim older than
+``--stale-claim-after`` (a run that died) is taken. Purge archives (``purged``, expired by a
+TTL index later). Every replay and purge writes an audit record.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import aio_pika
@@ -47,6 +50,8 @@ H_REPLAY = "x-grantwire-replay"
 SERVICES = ("organizations", "invitations", "billing")
 # The broker answered for the letter itself: it was not taken, and may be sent again.
 _REFUSED = (UnroutableError, PublishRejectedError)
+# A replay's claim this old belongs to a run that died: --include-interrupted may take it.
+STALE_CLAIM_AFTER = timedelta(seconds=120)
 
 
 class DlqSettings(BaseSettings):
@@ -72,16 +77,20 @@ class Filter:
     before: datetime | None = None
     min_attempts: int | None = None
     statuses: tuple[str, ...] = ("dead",)
+    # Set: a ``replaying`` letter counts only once no run may still hold it (see claimable).
+    stale_claim_after: timedelta | None = None
 
     def query(self) -> Document:
-        query: Document = {"status": {"$in": list(self.statuses)}}
+        query: Document = claimable(self.statuses, self.stale_claim_after)
         if self.ids:
             try:
                 query["_id"] = {"$in": [ObjectId(i) for i in self.ids]}
             except InvalidId as exc:
                 raise typer.BadParameter(f"not a dead-letter id: {exc}") from exc
         if self.queue:
-            query["$or"] = [{"queue": self.queue}, {"work_queue": self.queue}]
+            query.setdefault("$and", []).append(
+                {"$or": [{"queue": self.queue}, {"work_queue": self.queue}]}
+            )
         if self.event_type:
             query["event_type"] = self.event_type
         if self.error:
@@ -101,10 +110,34 @@ class Filter:
 
     def describe(self) -> Document:
         return {
-            k: (v.isoformat() if isinstance(v, datetime) else v)
+            k: (
+                v.isoformat()
+                if isinstance(v, datetime)
+                else v.total_seconds()
+                if isinstance(v, timedelta)
+                else v
+            )
             for k, v in self.__dict__.items()
             if v
         }
+
+
+def claimable(statuses: tuple[str, ...], stale_claim_after: timedelta | None) -> Document:
+    """The letters of ``statuses``; with ``stale_claim_after``, a ``replaying`` one only when
+    no run may still be sending it: its run let it go (no claim: in doubt), or its claim is
+    older than that (the run died; a claim without a time is from an older command)."""
+    if "replaying" not in statuses or stale_claim_after is None:
+        return {"status": {"$in": list(statuses)}}
+    others = [status for status in statuses if status != "replaying"]
+    abandoned: Document = {
+        "status": "replaying",
+        "$or": [
+            {"claim": {"$exists": False}},
+            {"claimed_at": {"$exists": False}},
+            {"claimed_at": {"$lt": datetime.now(UTC) - stale_claim_after}},
+        ],
+    }
+    return {"$or": [{"status": {"$in": others}}, abandoned]} if others else abandoned
 
 
 class DeadLetterStore:
@@ -209,6 +242,7 @@ class ReplayReport:
     failed: int = 0
     skipped: int = 0
     interrupted_before: int = 0
+    claimed_by_running: int = 0  # replaying under a fresh claim: a run may still be sending
     in_doubt: int = 0
     dry_run: bool = False
     duration_s: float = 0.0
@@ -228,27 +262,36 @@ async def replay(
     to_queue: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     show: Callable[[Document], None] | None = None,
+    stale_claim_after: timedelta = STALE_CLAIM_AFTER,
 ) -> ReplayReport:
     """Replay the dead letters ``flt`` selects; see the module docstring for the rules.
 
     Batch by batch (``batch_size`` letters): one update claims the batch, its messages go
     out with pipelined confirms (one by one at ``rate``), one bulk write marks each letter
     replayed or, when the broker refused it, dead again; a letter whose connection failed
-    under it stays ``replaying`` (in doubt) and the run stops. An interrupted run leaves at
-    most one batch ``replaying``.
+    under it stays ``replaying`` (in doubt, its claim let go) and the run stops. An
+    interrupted run leaves at most one batch ``replaying``. A ``replaying`` letter
+    ``flt`` asks for is taken only once no run may still be sending it (``claimable``,
+    with ``stale_claim_after``), when it is selected and again, atomically, when claimed.
     """
     report = ReplayReport(operation_id=uuid.uuid4().hex, dry_run=dry_run)
     started = time.monotonic()
+    if "replaying" in flt.statuses:
+        flt = replace(flt, stale_claim_after=stale_claim_after)
     letters = await store.find(flt)
     report.selected = len(letters)
     if not dry_run:
+        replaying = replace(flt, statuses=("replaying",))
+        every = len(await store.find(replace(replaying, stale_claim_after=None)))
         report.interrupted_before = len(
-            await store.find(Filter(**{**flt.__dict__, "statuses": ("replaying",)}))
+            await store.find(replace(replaying, stale_claim_after=stale_claim_after))
         )
+        report.claimed_by_running = every - report.interrupted_before
     touched: set[str] = set()
-    request = _ReplayRequest(operator, reason, to_queue, flt.statuses)
+    request = _ReplayRequest(operator, reason, to_queue, flt.statuses, stale_claim_after)
     pace = _Pace(rate)
-    # At a rate, one letter at a time: nothing stays claimed while the run waits its turn.
+    # At a rate, one letter at a time, claimed once its turn has come: a claim lives only
+    # while its letter is being sent.
     step = 1 if rate else batch_size
     for start in range(0, len(letters), step):
         batch = letters[start : start + step]
@@ -258,6 +301,8 @@ async def replay(
         if dry_run:
             continue
         assert publisher is not None
+        if pace.interval:
+            await pace.turn()
         for service, docs in _by_service(batch).items():
             if await _replay_batch(
                 store.db(service)[DEAD_LETTERS],
@@ -301,6 +346,7 @@ class _ReplayRequest:
     reason: str
     to_queue: str | None
     statuses: tuple[str, ...]
+    stale_claim_after: timedelta
 
 
 class _Pace:
@@ -339,8 +385,14 @@ async def _replay_batch(
     """
     ids = [doc["_id"] for doc in docs]
     await collection.update_many(
-        {"_id": {"$in": ids}, "status": {"$in": list(request.statuses)}},
-        {"$set": {"status": "replaying", "claim": report.operation_id}},
+        {"_id": {"$in": ids}, **claimable(request.statuses, request.stale_claim_after)},
+        {
+            "$set": {
+                "status": "replaying",
+                "claim": report.operation_id,
+                "claimed_at": datetime.now(UTC),
+            }
+        },
     )
     primary = collection.with_options(read_preference=ReadPreference.PRIMARY)
     ours = {
@@ -372,8 +424,6 @@ async def _replay_batch(
 
     async def send(doc: Document) -> None:
         exchange, routing_key = target(doc)
-        if pace.interval:
-            await pace.turn()
         await publisher.publish_message(
             replay_message(doc, info(doc)), exchange=exchange, routing_key=routing_key
         )
@@ -413,29 +463,25 @@ async def _replay_batch(
             report.errors.append(
                 f"{doc['_id']}: in doubt, left replaying: {type(error).__name__}: {error}"
             )
-            marks.append(
-                UpdateOne(
-                    mine,
-                    {
-                        "$push": {
-                            "history": {**info(doc), "action": "in_doubt", "error": str(error)}
-                        }
-                    },
-                )
-            )
+            # Let go (still replaying): this run stops here, so --include-interrupted may
+            # take it at once.
+            history = {**info(doc), "action": "in_doubt", "error": str(error)}
+            marks.append(UpdateOne(mine, {"$unset": _CLAIM, "$push": {"history": history}}))
             continue
-        marks.append(
-            UpdateOne(mine, {**change, "$unset": {"claim": ""}, "$push": {"history": history}})
-        )
+        marks.append(UpdateOne(mine, {**change, "$unset": _CLAIM, "$push": {"history": history}}))
     for doc in claimed[len(outcomes) :]:  # never published: back as they were
+        # (one taken over from a run that died goes back to replaying, unclaimed: in doubt)
         marks.append(
             UpdateOne(
                 {"_id": doc["_id"], "claim": report.operation_id},
-                {"$set": {"status": doc["status"]}, "$unset": {"claim": ""}},
+                {"$set": {"status": doc["status"]}, "$unset": _CLAIM},
             )
         )
     await collection.bulk_write(marks, ordered=False)
     return True
+
+
+_CLAIM = {"claim": "", "claimed_at": ""}
 
 
 def _waves(letters: list[Document]) -> list[list[Document]]:
@@ -647,6 +693,14 @@ def replay_command(
     include_interrupted: Annotated[
         bool, typer.Option(help="also letters an interrupted run claimed")
     ] = False,
+    stale_claim_after: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="with --include-interrupted: seconds after which a claim belongs to a run "
+            "that died (a fresher one is left to its run)",
+        ),
+    ] = STALE_CLAIM_AFTER.total_seconds(),
     as_json: AsJson = False,
 ) -> None:
     """Replay dead letters to their original exchange and routing key (or --to-queue)."""
@@ -667,7 +721,14 @@ def replay_command(
     async def work(store: DeadLetterStore, settings: DlqSettings) -> ReplayReport:
         if dry_run:
             return await replay(
-                store, None, flt, operator=who, reason=reason, dry_run=True, show=show_letter
+                store,
+                None,
+                flt,
+                operator=who,
+                reason=reason,
+                dry_run=True,
+                show=show_letter,
+                stale_claim_after=timedelta(seconds=stale_claim_after),
             )
         connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
         try:
@@ -685,6 +746,7 @@ def replay_command(
                     rate=rate,
                     to_queue=to_queue,
                     progress=progress,
+                    stale_claim_after=timedelta(seconds=stale_claim_after),
                 )
 
             if not tty:
@@ -703,6 +765,12 @@ def replay_command(
         typer.echo(
             f"note: {report.interrupted_before} letters were claimed by an interrupted replay and "
             "not re-sent; check them, then use --include-interrupted",
+            err=True,
+        )
+    if report.claimed_by_running:
+        typer.echo(
+            f"note: {report.claimed_by_running} letters are claimed by a replay that may still "
+            f"be running (claimed less than {stale_claim_after:g} s ago); left to it",
             err=True,
         )
     if report.in_doubt:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractRobustConnection
 from typer.testing import CliRunner
 
 from grantwire.cli import app
+from grantwire.dlq import DeadLetterStore, Filter
 from shared.consumer import H_LAST_FAILURE_AT, H_REASON
 from shared.contracts import Event, UserSignedUp
 from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
@@ -316,6 +317,8 @@ async def test_a_connection_lost_under_a_batch_leaves_its_letters_in_doubt_not_d
     }
     assert status[sent[1].id] == "replaying"  # may have been delivered: not dead, not re-sent
     assert set(status.values()) <= {"replaying", "replayed"}
+    # the run stopped: it lets go of them, so --include-interrupted may take them at once
+    assert await runtime.db[DEAD_LETTERS].count_documents({"claim": {"$exists": True}}) == 0
 
     # the next run sends none of them by itself; the operator fixes the cause and asks
     quiet = report_of(
@@ -343,6 +346,95 @@ async def test_a_connection_lost_under_a_batch_leaves_its_letters_in_doubt_not_d
         return sorted(dependency.applied) == sorted(e.id for e in sent)
 
     await wait_until(all_three)
+
+
+async def test_include_interrupted_takes_only_claims_no_run_may_still_be_sending(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+) -> None:
+    runtime, dependency = kit
+    running, crashed, dead = await dead_signups(runtime, amqp, isolation, 3)
+    letters = runtime.db[DEAD_LETTERS]
+    now = datetime.now(UTC)
+    # one letter is being sent by a run going on right now, one was claimed by a run that
+    # died ten minutes ago
+    await letters.update_one(
+        {"message_id": running.id},
+        {"$set": {"status": "replaying", "claim": "live-run", "claimed_at": now}},
+    )
+    await letters.update_one(
+        {"message_id": crashed.id},
+        {
+            "$set": {
+                "status": "replaying",
+                "claim": "dead-run",
+                "claimed_at": now - timedelta(minutes=10),
+            }
+        },
+    )
+    dependency.broken = False
+    args = ("dlq", "replay", "--service", "kit", "--reason", "fixed", "--include-interrupted")
+    result = await run(isolation, *args)
+    report = report_of(result)
+    assert (report["replayed"], report["claimed_by_running"]) == (2, 1)
+    assert "claimed by a replay that may still be running" in result.output
+    live = await letters.find_one({"message_id": running.id})
+    assert live is not None
+    assert (live["status"], live["claim"]) == ("replaying", "live-run")
+
+    async def two_applied() -> bool:
+        return sorted(dependency.applied) == sorted([crashed.id, dead.id])
+
+    await wait_until(two_applied)
+    # the operator who knows that run is gone says so
+    taken = report_of(await run(isolation, *args, "--stale-claim-after", "0"))
+    assert taken["replayed"] == 1
+    assert (await letters.find_one({"message_id": running.id}) or {})["status"] == "replayed"
+
+
+async def test_a_letter_a_running_replay_claims_after_selection_is_left_to_it(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime, dependency = kit
+    first, second = await dead_signups(runtime, amqp, isolation, 2)
+    select = DeadLetterStore.find
+
+    async def select_then_lose_the_race(self: DeadLetterStore, flt: Filter, limit: int = 0) -> Any:
+        found = await select(self, flt, limit)
+        # between this run's selection and its claim, another run claims the first letter
+        await self.db("kit")[DEAD_LETTERS].update_one(
+            {"message_id": first.id},
+            {
+                "$set": {
+                    "status": "replaying",
+                    "claim": "other-run",
+                    "claimed_at": datetime.now(UTC),
+                }
+            },
+        )
+        return found
+
+    monkeypatch.setattr(DeadLetterStore, "find", select_then_lose_the_race)
+    dependency.broken = False
+    report = report_of(
+        await run(
+            isolation,
+            *("dlq", "replay", "--service", "kit", "--reason", "race", "--include-interrupted"),
+        )
+    )
+    assert (report["selected"], report["replayed"], report["skipped"]) == (2, 1, 1)
+    other = await runtime.db[DEAD_LETTERS].find_one({"message_id": first.id})
+    assert other is not None
+    assert (other["status"], other["claim"]) == ("replaying", "other-run")
+    await wait_until(lambda: _applied(dependency, [second.id]))
+
+
+async def _applied(dependency: FlakyDependency, ids: list[str]) -> bool:
+    return sorted(dependency.applied) == sorted(ids)
 
 
 async def test_purge_needs_confirmation_off_a_terminal(
