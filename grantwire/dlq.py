@@ -31,6 +31,8 @@ from typing import Annotated, Any
 
 import aio_pika
 import typer
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.exceptions import ChannelNotFoundEntity
 from bson import ObjectId
 from bson.errors import InvalidId
 from pydantic import SecretStr
@@ -48,8 +50,14 @@ from shared.publisher import ConfirmingPublisher, PublishRejectedError, Unroutab
 FAILURE_HEADER_PREFIX = "x-grantwire-"
 H_REPLAY = "x-grantwire-replay"
 SERVICES = ("organizations", "invitations", "billing")
+
+
+class ExchangeMissingError(Exception):
+    """A letter's exchange does not exist (any more): it was not sent."""
+
+
 # The broker answered for the letter itself: it was not taken, and may be sent again.
-_REFUSED = (UnroutableError, PublishRejectedError)
+_REFUSED = (UnroutableError, PublishRejectedError, ExchangeMissingError)
 # A replay's claim this old belongs to a run that died: --include-interrupted may take it.
 STALE_CLAIM_AFTER = timedelta(seconds=120)
 
@@ -263,6 +271,7 @@ async def replay(
     progress: Callable[[int, int], None] | None = None,
     show: Callable[[Document], None] | None = None,
     stale_claim_after: timedelta = STALE_CLAIM_AFTER,
+    exchanges: ExchangeCheck | None = None,
 ) -> ReplayReport:
     """Replay the dead letters ``flt`` selects; see the module docstring for the rules.
 
@@ -307,6 +316,7 @@ async def replay(
             if await _replay_batch(
                 store.db(service)[DEAD_LETTERS],
                 publisher,
+                exchanges,
                 docs,
                 report,
                 request,
@@ -368,9 +378,33 @@ def _by_service(letters: list[Document]) -> dict[str, list[Document]]:
     return groups
 
 
+class ExchangeCheck:
+    """Whether an exchange exists: a passive declare on a channel of its own (the broker
+    closes the channel it answers "not found" on, so never the publisher's)."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self._connection = connection
+        self._channel: AbstractChannel | None = None
+        self._known: set[str] = {""}  # the default exchange always exists
+
+    async def exists(self, name: str) -> bool:
+        if name in self._known:
+            return True
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            await self._channel.declare_exchange(name, passive=True)
+        except ChannelNotFoundEntity:
+            self._channel = None
+            return False
+        self._known.add(name)
+        return True
+
+
 async def _replay_batch(
     collection: AsyncCollection[Document],
     publisher: ConfirmingPublisher,
+    exchanges: ExchangeCheck | None,
     docs: list[Document],
     report: ReplayReport,
     request: _ReplayRequest,
@@ -381,8 +415,21 @@ async def _replay_batch(
     A letter the broker refused (unroutable, nacked) is dead again; one whose publish ended
     any other way (channel or connection closed under it) may have reached the broker, so
     it stays ``replaying`` for the operator to check (``--include-interrupted``), and the
-    run stops there (``in_doubt``).
+    run stops there (``in_doubt``). A letter whose exchange does not exist fails alone,
+    unsent (published, it would make the broker close the channel under the whole batch);
+    exchanges are checked before the claim, so a check that fails leaves nothing claimed.
     """
+
+    def target(doc: Document) -> tuple[str, str]:
+        if request.to_queue:
+            return "", request.to_queue
+        return doc["original_exchange"], doc["original_routing_key"]
+
+    missing: dict[Any, BaseException | None] = {}
+    for doc in docs:
+        exchange = target(doc)[0]
+        if exchanges is not None and not await exchanges.exists(exchange):
+            missing[doc["_id"]] = ExchangeMissingError(f"exchange {exchange!r} does not exist")
     ids = [doc["_id"] for doc in docs]
     await collection.update_many(
         {"_id": {"$in": ids}, **claimable(request.statuses, request.stale_claim_after)},
@@ -417,32 +464,32 @@ async def _replay_batch(
             "dead_letter_id": str(doc["_id"]),
         }
 
-    def target(doc: Document) -> tuple[str, str]:
-        if request.to_queue:
-            return "", request.to_queue
-        return doc["original_exchange"], doc["original_routing_key"]
-
     async def send(doc: Document) -> None:
         exchange, routing_key = target(doc)
         await publisher.publish_message(
             replay_message(doc, info(doc)), exchange=exchange, routing_key=routing_key
         )
 
-    outcomes: list[BaseException | None] = []
-    for wave in _waves(claimed):
+    outcomes = {doc["_id"]: missing[doc["_id"]] for doc in claimed if doc["_id"] in missing}
+    for wave in _waves([doc for doc in claimed if doc["_id"] not in missing]):
         # In order on one channel, confirms pipelined. The client matches a returned
         # (unroutable) message to its publish by message id, so a wave never holds two
         # letters of one message id.
         results = await asyncio.gather(*(send(doc) for doc in wave), return_exceptions=True)
-        for result in results:
+        for doc, result in zip(wave, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
-            outcomes.append(result)
+            outcomes[doc["_id"]] = result
         if any(r is not None and not isinstance(r, _REFUSED) for r in results):
             break  # the channel is most likely gone: what follows is not sent
     marks: list[UpdateOne] = []
-    for doc, error in zip(claimed, outcomes, strict=False):
+    for doc in claimed:
         mine = {"_id": doc["_id"], "claim": report.operation_id}
+        if doc["_id"] not in outcomes:  # never published: back as it was
+            # (one taken over from a run that died goes back to replaying, unclaimed)
+            marks.append(UpdateOne(mine, {"$set": {"status": doc["status"]}, "$unset": _CLAIM}))
+            continue
+        error = outcomes[doc["_id"]]
         if error is None:
             report.replayed += 1
             exchange, routing_key = target(doc)
@@ -469,14 +516,6 @@ async def _replay_batch(
             marks.append(UpdateOne(mine, {"$unset": _CLAIM, "$push": {"history": history}}))
             continue
         marks.append(UpdateOne(mine, {**change, "$unset": _CLAIM, "$push": {"history": history}}))
-    for doc in claimed[len(outcomes) :]:  # never published: back as they were
-        # (one taken over from a run that died goes back to replaying, unclaimed: in doubt)
-        marks.append(
-            UpdateOne(
-                {"_id": doc["_id"], "claim": report.operation_id},
-                {"$set": {"status": doc["status"]}, "$unset": _CLAIM},
-            )
-        )
     await collection.bulk_write(marks, ordered=False)
     return True
 
@@ -734,6 +773,7 @@ def replay_command(
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             publisher = ConfirmingPublisher(channel, channel.default_exchange)
+            exchanges = ExchangeCheck(connection)
 
             async def run(progress: Callable[[int, int], None] | None) -> ReplayReport:
                 return await replay(
@@ -747,6 +787,7 @@ def replay_command(
                     to_queue=to_queue,
                     progress=progress,
                     stale_claim_after=timedelta(seconds=stale_claim_after),
+                    exchanges=exchanges,
                 )
 
             if not tty:

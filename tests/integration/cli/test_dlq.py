@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractRobustConnection
 from typer.testing import CliRunner
 
 from grantwire.cli import app
-from grantwire.dlq import DeadLetterStore, Filter
+from grantwire.dlq import DeadLetterStore, ExchangeCheck, Filter
 from shared.consumer import H_LAST_FAILURE_AT, H_REASON
 from shared.contracts import Event, UserSignedUp
 from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
@@ -291,17 +291,49 @@ async def test_batches_the_broker_partly_refuses_mark_each_letter_by_its_own_out
             assert last["action"] == "replayed" and last["dead_letter_id"] == str(letter_id)
 
 
-async def test_a_connection_lost_under_a_batch_leaves_its_letters_in_doubt_not_dead(
+async def test_a_letter_whose_exchange_is_gone_fails_alone(
     kit: tuple[ServiceRuntime, FlakyDependency],
     amqp: AbstractRobustConnection,
     isolation: Isolation,
 ) -> None:
     runtime, dependency = kit
     sent = await dead_signups(runtime, amqp, isolation, 3)
+    gone = "gone." + sent[1].id
+    await runtime.db[DEAD_LETTERS].update_one(
+        {"message_id": sent[1].id}, {"$set": {"original_exchange": gone}}
+    )
+    dependency.broken = False
+    result = await asyncio.to_thread(
+        cli, isolation, "dlq", "replay", "--service", "kit", "--reason", "fixed"
+    )
+    assert result.exit_code == 1, result.output
+    report = report_of(result)
+    assert (report["replayed"], report["failed"], report["in_doubt"]) == (2, 1, 0)
+    letter = await runtime.db[DEAD_LETTERS].find_one({"message_id": sent[1].id})
+    assert letter is not None and letter["status"] == "dead" and "claim" not in letter
+    assert letter["history"][-1]["action"] == "replay_failed"
+    assert f"exchange '{gone}' does not exist" in letter["history"][-1]["error"]
+    await wait_until(lambda: _applied(dependency, [sent[0].id, sent[2].id]))
+
+
+async def test_a_connection_lost_under_a_batch_leaves_its_letters_in_doubt_not_dead(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime, dependency = kit
+    sent = await dead_signups(runtime, amqp, isolation, 3)
     letter = await runtime.db[DEAD_LETTERS].find_one({"message_id": sent[1].id})
     assert letter is not None
-    # its exchange is gone: the broker closes the replay's channel, and with it every
-    # confirm still pending there, whether or not the broker had taken that message
+
+    async def still_there(self: ExchangeCheck, name: str) -> bool:
+        return True
+
+    # its exchange is deleted right after the replay checked it: the broker closes the
+    # replay's channel, and with it every confirm still pending there, whether or not the
+    # broker had taken that message
+    monkeypatch.setattr(ExchangeCheck, "exists", still_there)
     await runtime.db[DEAD_LETTERS].update_one(
         {"_id": letter["_id"]}, {"$set": {"original_exchange": "gone." + sent[1].id}}
     )
