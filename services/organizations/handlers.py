@@ -47,7 +47,7 @@ COMMIT_ATTEMPTS = 3
 
 
 def random_slug_suffix() -> str:
-    return secrets.token_hex(3)
+    return secrets.token_hex(5)  # 40 bits: a collision among same-named organizations is rare
 
 
 class SignupOrganizations:

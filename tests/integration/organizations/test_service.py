@@ -142,7 +142,7 @@ async def test_signups_with_one_name_delivered_together_get_unique_slugs(
     slugs = {o["slug"] for o in await all_organizations(service.runtime.db)}
     numbered = {"adas-organization", *(f"adas-organization-{n}" for n in range(2, 7))}
     assert len(slugs) == 8 and numbered <= slugs
-    assert all(re.fullmatch(r"adas-organization-[0-9a-f]{6}", s) for s in slugs - numbered)
+    assert all(re.fullmatch(r"adas-organization-[0-9a-f]{10}", s) for s in slugs - numbered)
 
 
 async def test_one_signup_delivered_to_two_consumers_at_once_creates_one_organization(
