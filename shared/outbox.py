@@ -17,7 +17,9 @@ wait never hold up the others: when they fill part of the oldest batch, the rela
 them (through a partial index of the documents backing off).
 
 Round trips are what an event costs here (the database's journal flush above all), so the
-relay spends few: the lease is renewed once per third of its TTL, not per batch; marking
+relay spends few: only the relay holding the lease watches the outbox (a change stream costs
+the database a scan of its oplog); the lease is renewed once per third of its TTL, not per
+batch; marking
 documents sent is acknowledged by the primary without waiting for the journal (lost in a
 crash, a document is published again, which consumers dedupe anyway); and a change-stream
 notice of a document the relay has already read does not wake it for an empty read.
@@ -208,6 +210,10 @@ class OutboxRelay:
         self._tasks: list[asyncio.Task[None]] = []
         self._recently_read: OrderedDict[Any, None] = OrderedDict()
         self._more_pending = False  # the last read was a full batch: read again at once
+        # Set while this relay holds the lease: only then does it watch the outbox (a relay
+        # that does not hold it would be woken for nothing, and each stream costs the
+        # database a scan of its oplog).
+        self._holding = asyncio.Event()
         self.published = 0
         self.last_error: str | None = None
 
@@ -406,8 +412,10 @@ class OutboxRelay:
         while not self._stopping.is_set():
             try:
                 if not await self._lease.hold():
+                    self._holding.clear()
                     await self._sleep(self._lease.ttl.total_seconds() / 3)
                     continue
+                self._holding.set()
                 published, failed = await self.drain_once()
                 if failed and not published:
                     backoff = min(self._max_backoff_s, max(0.2, backoff * 2))
@@ -445,8 +453,12 @@ class OutboxRelay:
                 return
 
     async def _watch(self) -> None:
-        """Wake the relay on inserts; polling covers the gaps when the stream fails."""
+        """Wake the relay on inserts while it holds the lease; polling covers the gaps when
+        the stream fails."""
         while not self._stopping.is_set():
+            if not self._holding.is_set():
+                await self._until_holding()
+                continue
             try:
                 # Only that something was inserted matters, and what: the server sends the
                 # change's id (its resume token) and the document's key, not its body.
@@ -455,7 +467,11 @@ class OutboxRelay:
                     {"$project": {"_id": 1, "documentKey": 1}},
                 ]
                 async with await self._db[OUTBOX].watch(pipeline) as stream:
-                    async for change in stream:
+                    # Each empty answer (the server waits up to a second) checks the lease.
+                    while self._holding.is_set():
+                        change = await stream.try_next()
+                        if change is None:
+                            continue
                         key = (change.get("documentKey") or {}).get("_id")
                         if self._drain_lock.locked():
                             async with self._drain_lock:  # a read under way may hold it
@@ -467,3 +483,13 @@ class OutboxRelay:
             except Exception as exc:
                 log.info("outbox change stream interrupted", error=str(exc))
                 await asyncio.sleep(self._poll_interval_s)
+
+    async def _until_holding(self) -> None:
+        """Wait until the relay holds the lease (or stops)."""
+        holding = asyncio.ensure_future(self._holding.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            holding.cancel()
+            stopping.cancel()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from shared.contracts import OrganizationProvisioned
 from shared.envelope import Envelope
 from shared.mongo import run_in_transaction
-from shared.outbox import OUTBOX, OutboxRelay, stage_events
+from shared.outbox import LEASES, OUTBOX, OutboxRelay, stage_events
 from shared.publisher import ConfirmingPublisher
 from shared.runtime import ServiceRuntime
 from shared.settings import ServiceSettings
@@ -39,10 +40,17 @@ class OutboxCommands(monitoring.CommandListener):
         self.finds = 0
         self.notices = 0
         self.get_mores_started = 0
+        self.streams = 0  # change streams opened on the outbox
+        self.lease_attempts = 0
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name == "find" and event.command.get("find") == OUTBOX:
             self.finds += 1
+        if event.command_name == "aggregate" and event.command.get("aggregate") == OUTBOX:
+            stages = event.command.get("pipeline") or [{}]
+            self.streams += "$changeStream" in stages[0]
+        if event.command_name == "findAndModify" and event.command.get("findAndModify") == LEASES:
+            self.lease_attempts += 1
         if event.command_name == "getMore" and event.command.get("collection") == OUTBOX:
             self.get_mores_started += 1
 
@@ -130,3 +138,62 @@ async def test_a_change_stream_notice_of_a_document_already_published_wakes_no_r
         await runtime.stop()
         await client.drop_database(db.name)
         await client.close()
+
+
+async def test_only_the_relay_holding_the_lease_watches_the_outbox(
+    isolation: Isolation, amqp: AbstractRobustConnection
+) -> None:
+    runtime = ServiceRuntime(
+        service="relaywatch",
+        settings=isolation.settings(ServiceSettings, "relaywatch"),
+        indexes={},
+    )
+    await runtime.start(consume=False)
+    name = isolation.db_name("relaywatch_own")
+    commands = {owner: OutboxCommands() for owner in ("first", "second")}
+    clients: dict[str, AsyncMongoClient[Any]] = {
+        owner: AsyncMongoClient(
+            isolation.urls.mongo_url, event_listeners=[listener], w="majority", tz_aware=True
+        )
+        for owner, listener in commands.items()
+    }
+    await clients["first"][name].create_collection(OUTBOX)
+    publisher = await ConfirmingPublisher.open(amqp, isolation.naming.events_exchange)
+    # No polling to speak of: the second relay learns of a document only from its stream.
+    relays = {
+        owner: OutboxRelay(
+            client[name],
+            publisher,
+            owner=owner,
+            lease_ttl=timedelta(seconds=0.6),
+            poll_interval_s=60,
+        )
+        for owner, client in clients.items()
+    }
+    first, second = commands["first"], commands["second"]
+    try:
+        await relays["first"].start()
+        await wait_until(lambda: asyncio.sleep(0, first.streams == 1))
+        await relays["second"].start()
+        # it has asked for the lease three times (every third of the TTL) and been refused
+        await wait_until(lambda: asyncio.sleep(0, second.lease_attempts >= 3))
+        assert second.streams == 0
+        await relays["first"].stop()  # gives the lease up
+        await wait_until(lambda: asyncio.sleep(0, second.streams == 1))
+        envelope = Envelope.new(
+            OrganizationProvisioned(user_id="u1", organization_id="o1"), source="t"
+        )
+
+        async def stage(session: AsyncClientSession) -> None:
+            await stage_events(clients["first"][name], session, [envelope], aggregate_id="o1")
+
+        await run_in_transaction(clients["first"], stage)
+        await wait_until(lambda: asyncio.sleep(0, relays["second"].published == 1))
+        assert first.streams == 1
+    finally:
+        for relay in relays.values():
+            await relay.stop()
+        await runtime.stop()
+        await clients["first"].drop_database(name)
+        for client in clients.values():
+            await client.close()
