@@ -16,6 +16,7 @@ TTL index later). Every replay and purge writes an audit record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import os
@@ -24,14 +25,14 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import aio_pika
 import typer
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 from bson import ObjectId
 from bson.errors import InvalidId
@@ -59,7 +60,10 @@ class ExchangeMissingError(Exception):
 # The broker answered for the letter itself: it was not taken, and may be sent again.
 _REFUSED = (UnroutableError, PublishRejectedError, ExchangeMissingError)
 # A replay's claim this old belongs to a run that died: --include-interrupted may take it.
+# A run renews its batch's claim every CLAIM_RENEWAL while the batch is out.
 STALE_CLAIM_AFTER = timedelta(seconds=120)
+CLAIM_RENEWAL = timedelta(seconds=10)
+CHECK_TIMEOUT_S = 10.0
 
 
 class DlqSettings(BaseSettings):
@@ -126,7 +130,7 @@ class Filter:
                 else v
             )
             for k, v in self.__dict__.items()
-            if v
+            if v or isinstance(v, timedelta)  # --stale-claim-after 0 is worth recording
         }
 
 
@@ -137,12 +141,14 @@ def claimable(statuses: tuple[str, ...], stale_claim_after: timedelta | None) ->
     if "replaying" not in statuses or stale_claim_after is None:
         return {"status": {"$in": list(statuses)}}
     others = [status for status in statuses if status != "replaying"]
+    # The database's clock, never an operator machine's: claims are set and read by it.
+    stale_ms = int(stale_claim_after.total_seconds() * 1000)
     abandoned: Document = {
         "status": "replaying",
         "$or": [
             {"claim": {"$exists": False}},
             {"claimed_at": {"$exists": False}},
-            {"claimed_at": {"$lt": datetime.now(UTC) - stale_claim_after}},
+            {"$expr": {"$lt": ["$claimed_at", {"$subtract": ["$$NOW", stale_ms]}]}},
         ],
     }
     return {"$or": [{"status": {"$in": others}}, abandoned]} if others else abandoned
@@ -252,6 +258,8 @@ class ReplayReport:
     interrupted_before: int = 0
     claimed_by_running: int = 0  # replaying under a fresh claim: a run may still be sending
     in_doubt: int = 0
+    taken_over: int = 0  # sent by this run, but another run had claimed them before the mark
+    stopped: str | None = None  # why the run stopped early (an error it could not go past)
     dry_run: bool = False
     duration_s: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -313,21 +321,20 @@ async def replay(
         if pace.interval:
             await pace.turn()
         for service, docs in _by_service(batch).items():
-            if await _replay_batch(
-                store.db(service)[DEAD_LETTERS],
-                publisher,
-                exchanges,
-                docs,
-                report,
-                request,
-                pace,
-            ):
+            try:
+                if await _replay_batch(
+                    store.db(service)[DEAD_LETTERS], publisher, exchanges, docs, report, request
+                ):
+                    touched.add(service)
+            except Exception as exc:  # the broker or the database went away: report, stop
+                report.stopped = f"{type(exc).__name__}: {exc}"
                 touched.add(service)
+                break
             if report.in_doubt:
                 break
         if progress is not None:
             progress(report.replayed + report.failed + report.skipped, report.selected)
-        if report.in_doubt:  # the channel or connection is gone: stop, nothing more to send
+        if report.in_doubt or report.stopped:  # nothing more can be sent: stop
             break
     report.duration_s = round(time.monotonic() - started, 3)
     if not dry_run:
@@ -379,25 +386,31 @@ def _by_service(letters: list[Document]) -> dict[str, list[Document]]:
 
 
 class ExchangeCheck:
-    """Whether an exchange exists: a passive declare on a channel of its own (the broker
-    closes the channel it answers "not found" on, so never the publisher's)."""
+    """Whether an exchange exists: a passive declare on a channel of its own, since the
+    broker closes the channel it answers "not found" on. That channel is a plain one, not
+    one the robust connection would reopen (and keep, one per missing exchange) or replay
+    the declares of on a reconnection. Each name is asked once per run."""
 
-    def __init__(self, connection: AbstractConnection) -> None:
+    def __init__(self, connection: AbstractConnection, timeout_s: float = CHECK_TIMEOUT_S) -> None:
         self._connection = connection
-        self._channel: AbstractChannel | None = None
-        self._known: set[str] = {""}  # the default exchange always exists
+        self._timeout_s = timeout_s
+        self._channel: aio_pika.Channel | None = None
+        self._known: dict[str, bool] = {"": True}  # the default exchange always exists
 
     async def exists(self, name: str) -> bool:
         if name in self._known:
-            return True
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._connection.channel(publisher_confirms=False)
+            return self._known[name]
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            channel = self._channel = aio_pika.Channel(self._connection, publisher_confirms=False)
+            await asyncio.wait_for(channel, self._timeout_s)
         try:
-            await self._channel.declare_exchange(name, passive=True)
-        except ChannelNotFoundEntity:
+            await channel.declare_exchange(name, passive=True, timeout=self._timeout_s)
+        except ChannelNotFoundEntity:  # the broker closed the channel with its answer
             self._channel = None
+            self._known[name] = False
             return False
-        self._known.add(name)
+        self._known[name] = True
         return True
 
 
@@ -408,7 +421,6 @@ async def _replay_batch(
     docs: list[Document],
     report: ReplayReport,
     request: _ReplayRequest,
-    pace: _Pace,
 ) -> bool:
     """Claim, publish and mark one batch of one service's letters; True when it touched any.
 
@@ -431,15 +443,19 @@ async def _replay_batch(
         if exchanges is not None and not await exchanges.exists(exchange):
             missing[doc["_id"]] = ExchangeMissingError(f"exchange {exchange!r} does not exist")
     ids = [doc["_id"] for doc in docs]
+    # The claim keeps the status it took the letter from, to give it back unsent.
     await collection.update_many(
         {"_id": {"$in": ids}, **claimable(request.statuses, request.stale_claim_after)},
-        {
-            "$set": {
-                "status": "replaying",
-                "claim": report.operation_id,
-                "claimed_at": datetime.now(UTC),
+        [
+            {
+                "$set": {
+                    "claimed_from": "$status",
+                    "status": "replaying",
+                    "claim": report.operation_id,
+                    "claimed_at": "$$NOW",
+                }
             }
-        },
+        ],
     )
     primary = collection.with_options(read_preference=ReadPreference.PRIMARY)
     ours = {
@@ -471,23 +487,25 @@ async def _replay_batch(
         )
 
     outcomes = {doc["_id"]: missing[doc["_id"]] for doc in claimed if doc["_id"] in missing}
-    for wave in _waves([doc for doc in claimed if doc["_id"] not in missing]):
-        # In order on one channel, confirms pipelined. The client matches a returned
-        # (unroutable) message to its publish by message id, so a wave never holds two
-        # letters of one message id.
-        results = await asyncio.gather(*(send(doc) for doc in wave), return_exceptions=True)
-        for doc, result in zip(wave, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result
-            outcomes[doc["_id"]] = result
-        if any(r is not None and not isinstance(r, _REFUSED) for r in results):
-            break  # the channel is most likely gone: what follows is not sent
+    async with _claim_kept(collection, [doc["_id"] for doc in claimed], report.operation_id):
+        for wave in _waves([doc for doc in claimed if doc["_id"] not in missing]):
+            # In order on one channel, confirms pipelined. The client matches a returned
+            # (unroutable) message to its publish by message id, so a wave never holds two
+            # letters of one message id.
+            results = await asyncio.gather(*(send(doc) for doc in wave), return_exceptions=True)
+            for doc, result in zip(wave, results, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result
+                outcomes[doc["_id"]] = result
+            if any(r is not None and not isinstance(r, _REFUSED) for r in results):
+                break  # the channel is most likely gone: what follows is not sent
     marks: list[UpdateOne] = []
     for doc in claimed:
         mine = {"_id": doc["_id"], "claim": report.operation_id}
-        if doc["_id"] not in outcomes:  # never published: back as it was
+        if doc["_id"] not in outcomes:  # never published: back to the status it was claimed from
             # (one taken over from a run that died goes back to replaying, unclaimed)
-            marks.append(UpdateOne(mine, {"$set": {"status": doc["status"]}, "$unset": _CLAIM}))
+            back = {"$ifNull": ["$claimed_from", doc["status"]]}
+            marks.append(UpdateOne(mine, [{"$set": {"status": back}}, {"$unset": list(_CLAIM)}]))
             continue
         error = outcomes[doc["_id"]]
         if error is None:
@@ -516,11 +534,43 @@ async def _replay_batch(
             marks.append(UpdateOne(mine, {"$unset": _CLAIM, "$push": {"history": history}}))
             continue
         marks.append(UpdateOne(mine, {**change, "$unset": _CLAIM, "$push": {"history": history}}))
-    await collection.bulk_write(marks, ordered=False)
+    written = await collection.bulk_write(marks, ordered=False)
+    lost = len(marks) - written.matched_count
+    if lost:
+        # Another run took them over (this run's claim went stale): it reports them.
+        report.taken_over += lost
+        report.errors.append(
+            f"{lost} letters were claimed by another run before this one marked them"
+        )
     return True
 
 
-_CLAIM = {"claim": "", "claimed_at": ""}
+_CLAIM = {"claim": "", "claimed_at": "", "claimed_from": ""}
+
+
+@contextlib.asynccontextmanager
+async def _claim_kept(
+    collection: AsyncCollection[Document], ids: list[Any], operation_id: str
+) -> AsyncIterator[None]:
+    """Renew this run's claim on ``ids`` every ``CLAIM_RENEWAL`` while the block runs (a
+    publish can wait on a blocked broker for longer than a claim stays fresh)."""
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(CLAIM_RENEWAL.total_seconds())
+            with contextlib.suppress(PyMongoError):  # the marks will tell
+                await collection.update_many(
+                    {"_id": {"$in": ids}, "claim": operation_id},
+                    [{"$set": {"claimed_at": "$$NOW"}}],
+                )
+
+    renewing = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewing
 
 
 def _waves(letters: list[Document]) -> list[list[Document]]:
@@ -820,7 +870,14 @@ def replay_command(
             "been delivered and are left replaying (see errors); the run stopped there",
             err=True,
         )
-    if report.failed or report.in_doubt:
+    if report.stopped:
+        typer.echo(
+            f"note: the run stopped early ({report.stopped}); letters it had claimed stay "
+            f"replaying and are taken by --include-interrupted once their claim is "
+            f"{STALE_CLAIM_AFTER.total_seconds():g} s old",
+            err=True,
+        )
+    if report.failed or report.in_doubt or report.stopped or report.taken_over:
         raise typer.Exit(1)
 
 

@@ -11,14 +11,17 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from pymongo import AsyncMongoClient
 from typer.testing import CliRunner
 
+from grantwire import dlq
 from grantwire.cli import app
 from grantwire.dlq import DeadLetterStore, ExchangeCheck, Filter
 from shared.consumer import H_LAST_FAILURE_AT, H_REASON
 from shared.contracts import Event, UserSignedUp
 from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
 from shared.envelope import Envelope
+from shared.publisher import ConfirmingPublisher
 from shared.runtime import ServiceRuntime
 from shared.settings import ServiceSettings
 from shared.topology import WorkQueue
@@ -386,9 +389,13 @@ async def test_include_interrupted_takes_only_claims_no_run_may_still_be_sending
     isolation: Isolation,
 ) -> None:
     runtime, dependency = kit
-    running, crashed, dead = await dead_signups(runtime, amqp, isolation, 3)
+    running, crashed, dead, older = await dead_signups(runtime, amqp, isolation, 4)
     letters = runtime.db[DEAD_LETTERS]
     now = datetime.now(UTC)
+    # and one was claimed by an older version of the command, which kept no claim time
+    await letters.update_one(
+        {"message_id": older.id}, {"$set": {"status": "replaying", "claim": "old-command"}}
+    )
     # one letter is being sent by a run going on right now, one was claimed by a run that
     # died ten minutes ago
     await letters.update_one(
@@ -409,16 +416,13 @@ async def test_include_interrupted_takes_only_claims_no_run_may_still_be_sending
     args = ("dlq", "replay", "--service", "kit", "--reason", "fixed", "--include-interrupted")
     result = await run(isolation, *args)
     report = report_of(result)
-    assert (report["replayed"], report["claimed_by_running"]) == (2, 1)
+    assert (report["replayed"], report["claimed_by_running"]) == (3, 1)
     assert "claimed by a replay that may still be running" in result.output
     live = await letters.find_one({"message_id": running.id})
     assert live is not None
     assert (live["status"], live["claim"]) == ("replaying", "live-run")
 
-    async def two_applied() -> bool:
-        return sorted(dependency.applied) == sorted([crashed.id, dead.id])
-
-    await wait_until(two_applied)
+    await wait_until(lambda: _applied(dependency, [crashed.id, dead.id, older.id]))
     # the operator who knows that run is gone says so
     taken = report_of(await run(isolation, *args, "--stale-claim-after", "0"))
     assert taken["replayed"] == 1
@@ -518,3 +522,134 @@ def test_an_unreachable_database_is_a_clear_error_with_the_password_masked() -> 
     result = CliRunner().invoke(app, ["dlq", "list"], env=env)
     assert result.exit_code == 1
     assert "unavailable" in result.output and "s3cret" not in result.output
+
+
+async def test_an_exchange_check_asks_each_name_once_and_leaves_no_channel_open(
+    amqp: AbstractRobustConnection, isolation: Isolation
+) -> None:
+    channel = await amqp.channel()
+    await channel.declare_exchange(isolation.naming.events_exchange, "topic", durable=True)
+    underlay = amqp.transport
+    assert underlay is not None
+    channels = underlay.connection.channels
+    before = len(channels)
+    check = ExchangeCheck(amqp)
+    # the broker closes the channel of each "not found": a robust channel would reopen
+    # itself and stay open, one per missing exchange
+    for n in range(30):
+        assert not await check.exists(f"gone.{isolation.naming.namespace}{n}")
+    assert await check.exists(isolation.naming.events_exchange)
+    assert await check.exists("")
+    assert len(channels) <= before + 1
+    await channel.exchange_delete(isolation.naming.events_exchange)
+    assert await check.exists(isolation.naming.events_exchange)  # asked once per run
+    await channel.close()
+
+
+async def test_letters_never_sent_go_back_to_the_status_they_were_claimed_from(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime, dependency = kit
+    _, lost, later = await dead_signups(runtime, amqp, isolation, 3)
+    letters = runtime.db[DEAD_LETTERS]
+    by_message = {d["message_id"]: d["_id"] for d in await letters.find({}).to_list()}
+    lost_id, later_id = by_message[lost.id], by_message[later.id]
+    # `later` carries `lost`'s message id, so it waits for a second wave; `lost` goes to an
+    # exchange deleted right after the check, so the first wave ends in doubt
+    await letters.update_one(
+        {"_id": later_id}, {"$set": {"message_id": lost.id, "properties.message_id": lost.id}}
+    )
+    await letters.update_one({"_id": lost_id}, {"$set": {"original_exchange": "gone." + lost.id}})
+
+    async def still_there(self: ExchangeCheck, name: str) -> bool:
+        return True
+
+    select = DeadLetterStore.find
+
+    async def select_then_another_run_lets_go(
+        self: DeadLetterStore, flt: Filter, limit: int = 0
+    ) -> Any:
+        found = await select(self, flt, limit)
+        # meanwhile another run claimed `later`, sent it, and let it go in doubt
+        await self.db("kit")[DEAD_LETTERS].update_one(
+            {"_id": later_id}, {"$set": {"status": "replaying"}}
+        )
+        return found
+
+    monkeypatch.setattr(ExchangeCheck, "exists", still_there)
+    monkeypatch.setattr(DeadLetterStore, "find", select_then_another_run_lets_go)
+    dependency.broken = False
+    args = ("dlq", "replay", "--service", "kit", "--reason", "x", "--include-interrupted")
+    result = await asyncio.to_thread(cli, isolation, *args)
+    assert result.exit_code == 1, result.output
+    assert report_of(result)["in_doubt"] >= 1
+    after = await letters.find_one({"_id": later_id})
+    assert after is not None
+    # never sent by this run: back to where this run found it (in doubt), not to dead
+    assert after["status"] == "replaying"
+    assert not {"claim", "claimed_at", "claimed_from"} & set(after)
+
+
+async def test_a_batch_held_up_by_the_broker_keeps_its_claim_fresh(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime, dependency = kit
+    (sent,) = await dead_signups(runtime, amqp, isolation, 1)
+    monkeypatch.setattr(dlq, "CLAIM_RENEWAL", timedelta(seconds=0.05))
+    publish = ConfirmingPublisher.publish_message
+    url, name = isolation.urls.mongo_url, isolation.db_name("kit")
+
+    async def blocked_until_renewed(self: ConfirmingPublisher, message: Any, **kw: Any) -> None:
+        # the broker holds the publish (a memory alarm, say) until the claim was renewed
+        client: AsyncMongoClient[Any] = AsyncMongoClient(url, tz_aware=True)
+        try:
+            letters = client[name][DEAD_LETTERS]
+            first = (await letters.find_one({"message_id": sent.id}) or {})["claimed_at"]
+
+            async def renewed() -> bool:
+                now = (await letters.find_one({"message_id": sent.id}) or {})["claimed_at"]
+                return bool(now > first)
+
+            await wait_until(renewed, timeout=5)
+        finally:
+            await client.close()
+        await publish(self, message, **kw)
+
+    monkeypatch.setattr(ConfirmingPublisher, "publish_message", blocked_until_renewed)
+    dependency.broken = False
+    report = report_of(await run(isolation, "dlq", "replay", "--service", "kit", "--reason", "r"))
+    assert (report["replayed"], report["in_doubt"]) == (1, 0)
+    await wait_until(lambda: _applied(dependency, [sent.id]))
+
+
+async def test_a_run_that_cannot_go_on_reports_and_audits_what_it_did(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime, _ = kit
+    await dead_signups(runtime, amqp, isolation, 2)
+
+    async def broker_gone(self: ExchangeCheck, name: str) -> bool:
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(ExchangeCheck, "exists", broker_gone)
+    result = await asyncio.to_thread(
+        cli, isolation, "dlq", "replay", "--service", "kit", "--reason", "r"
+    )
+    assert result.exit_code == 1, result.output
+    report = report_of(result)
+    assert "ConnectionError: broker unreachable" in report["stopped"]
+    assert "the run stopped early" in result.output
+    letters = await runtime.db[DEAD_LETTERS].find({}).to_list()
+    assert [d["status"] for d in letters] == ["dead", "dead"]  # checked before any claim
+    assert not any("claim" in d for d in letters)
+    audit = await runtime.db[DEAD_LETTER_AUDIT].find_one({"operation_id": report["operation_id"]})
+    assert audit is not None and audit["replayed"] == 0
