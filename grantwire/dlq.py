@@ -181,6 +181,14 @@ class DeadLetterStore:
         letters.sort(key=lambda d: d["failed_at"])
         return letters[:limit] if limit else letters
 
+    async def count(self, flt: Filter) -> int:
+        return sum(
+            [
+                await self.db(service)[DEAD_LETTERS].count_documents(flt.query())
+                for service in self.services(flt.service)
+            ]
+        )
+
     async def get(self, letter_id: str) -> Document | None:
         try:
             oid = ObjectId(letter_id)
@@ -299,9 +307,9 @@ async def replay(
     report.selected = len(letters)
     if not dry_run:
         replaying = replace(flt, statuses=("replaying",))
-        every = len(await store.find(replace(replaying, stale_claim_after=None)))
-        report.interrupted_before = len(
-            await store.find(replace(replaying, stale_claim_after=stale_claim_after))
+        every = await store.count(replace(replaying, stale_claim_after=None))
+        report.interrupted_before = await store.count(
+            replace(replaying, stale_claim_after=stale_claim_after)
         )
         report.claimed_by_running = every - report.interrupted_before
     touched: set[str] = set()
