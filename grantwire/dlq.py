@@ -25,10 +25,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import aio_pika
 import typer
@@ -41,7 +41,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo import AsyncMongoClient, ReadPreference, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
 from shared.logging import mask_url
@@ -451,19 +451,22 @@ async def _replay_batch(
         if exchanges is not None and not await exchanges.exists(exchange):
             missing[doc["_id"]] = ExchangeMissingError(f"exchange {exchange!r} does not exist")
     ids = [doc["_id"] for doc in docs]
-    # The claim keeps the status it took the letter from, to give it back unsent.
-    await collection.update_many(
-        {"_id": {"$in": ids}, **claimable(request.statuses, request.stale_claim_after)},
-        [
-            {
-                "$set": {
-                    "claimed_from": "$status",
-                    "status": "replaying",
-                    "claim": report.operation_id,
-                    "claimed_at": "$$NOW",
+    # The claim keeps the status it took the letter from, to give it back unsent. Run again
+    # after a failover it claims nothing twice: what it claimed before is no longer claimable.
+    await retry_transient(
+        lambda: collection.update_many(
+            {"_id": {"$in": ids}, **claimable(request.statuses, request.stale_claim_after)},
+            [
+                {
+                    "$set": {
+                        "claimed_from": "$status",
+                        "status": "replaying",
+                        "claim": report.operation_id,
+                        "claimed_at": "$$NOW",
+                    }
                 }
-            }
-        ],
+            ],
+        )
     )
     primary = collection.with_options(read_preference=ReadPreference.PRIMARY)
     ours = {
@@ -554,6 +557,26 @@ async def _replay_batch(
 
 
 _CLAIM = {"claim": "", "claimed_at": "", "claimed_from": ""}
+T = TypeVar("T")
+
+
+async def retry_transient(
+    operation: Callable[[], Awaitable[T]], attempts: int = 3, pause_s: float = 0.5
+) -> T:
+    """``operation``, again after a transient database error (a primary stepping down, a
+    lost connection): the driver retries single-document writes itself, not multi-document
+    ones such as the claim."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await operation()
+        except PyMongoError as exc:
+            transient = isinstance(exc, ConnectionFailure) or exc.has_error_label(
+                "RetryableWriteError"
+            )
+            if not transient or attempt == attempts:
+                raise
+            await asyncio.sleep(pause_s * attempt)
+    raise AssertionError("unreachable")
 
 
 @contextlib.asynccontextmanager
