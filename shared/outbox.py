@@ -229,6 +229,11 @@ class OutboxRelay:
         self._wakes_asked += 1
         self._wake.set()
 
+    @property
+    def caught_up(self) -> bool:
+        """True when every wake-up asked for has had its read and none is under way."""
+        return self._wakes_read >= self._wakes_asked and not self._drain_lock.locked()
+
     @contextlib.asynccontextmanager
     async def draining(self) -> AsyncIterator[None]:
         """Hold the relay's drain lock: no read starts, and no change-stream notice is
@@ -467,8 +472,12 @@ class OutboxRelay:
                     {"$project": {"_id": 1, "documentKey": 1}},
                 ]
                 async with await self._db[OUTBOX].watch(pipeline) as stream:
-                    # Each empty answer (the server waits up to a second) checks the lease.
-                    while self._holding.is_set():
+                    # A document committed after the relay's last read and before the stream
+                    # began has no notice: one read covers it.
+                    self.wake()
+                    # Each empty answer (the server waits up to a second) checks the lease;
+                    # an invalidated stream (the collection dropped) is reopened.
+                    while self._holding.is_set() and stream.alive:
                         change = await stream.try_next()
                         if change is None:
                             continue

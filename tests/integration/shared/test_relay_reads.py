@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -41,6 +41,7 @@ class OutboxCommands(monitoring.CommandListener):
         self.notices = 0
         self.get_mores_started = 0
         self.streams = 0  # change streams opened on the outbox
+        self.streams_closed = 0
         self.lease_attempts = 0
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
@@ -51,6 +52,8 @@ class OutboxCommands(monitoring.CommandListener):
             self.streams += "$changeStream" in stages[0]
         if event.command_name == "findAndModify" and event.command.get("findAndModify") == LEASES:
             self.lease_attempts += 1
+        if event.command_name == "killCursors" and event.command.get("killCursors") == OUTBOX:
+            self.streams_closed += 1
         if event.command_name == "getMore" and event.command.get("collection") == OUTBOX:
             self.get_mores_started += 1
 
@@ -94,9 +97,10 @@ async def test_a_change_stream_notice_of_a_document_already_published_wakes_no_r
     relay = OutboxRelay(db, publisher, owner="reader", poll_interval_s=60.0)
     await relay.start()
     try:
-        await wait_until(
-            lambda: asyncio.sleep(0, commands.finds == 1 and commands.get_mores_started)
-        )
+        # Started: its first read, the stream open (which asks for one more read, for what
+        # was committed before the stream began), and that read done.
+        await wait_until(lambda: asyncio.sleep(0, commands.get_mores_started and relay.caught_up))
+        started = commands.finds
         for round_ in range(1, ROUNDS + 1):
             envelope = Envelope.new(
                 OrganizationProvisioned(user_id=f"u{round_}", organization_id="o1"), source="t"
@@ -115,7 +119,7 @@ async def test_a_change_stream_notice_of_a_document_already_published_wakes_no_r
                 await run_in_transaction(client, stage)
 
             async def read_and_noticed(n: int = round_) -> bool:
-                return commands.finds == 1 + n and commands.notices == n
+                return commands.finds == started + n and commands.notices == n
 
             # The read has the document and is publishing it when its notice arrives.
             await wait_until(read_and_noticed)
@@ -132,7 +136,7 @@ async def test_a_change_stream_notice_of_a_document_already_published_wakes_no_r
                 await asyncio.sleep(0)
 
             # The start, then one read per commit; none for the notices.
-            assert commands.finds == 1 + round_
+            assert commands.finds == started + round_
     finally:
         await relay.stop()
         await runtime.stop()
@@ -159,26 +163,41 @@ async def test_only_the_relay_holding_the_lease_watches_the_outbox(
     }
     await clients["first"][name].create_collection(OUTBOX)
     publisher = await ConfirmingPublisher.open(amqp, isolation.naming.events_exchange)
-    # No polling to speak of: the second relay learns of a document only from its stream.
+    ttl = timedelta(seconds=0.6)
     relays = {
-        owner: OutboxRelay(
-            client[name],
-            publisher,
-            owner=owner,
-            lease_ttl=timedelta(seconds=0.6),
-            poll_interval_s=60,
-        )
-        for owner, client in clients.items()
+        # the first renews its lease while it idles (it polls more often than ttl / 3)
+        "first": OutboxRelay(
+            clients["first"][name], publisher, owner="first", lease_ttl=ttl, poll_interval_s=0.1
+        ),
+        # no polling to speak of: the second learns of a document only from its stream
+        "second": OutboxRelay(
+            clients["second"][name], publisher, owner="second", lease_ttl=ttl, poll_interval_s=60
+        ),
     }
     first, second = commands["first"], commands["second"]
+    leases = clients["first"][name][LEASES]
+
+    async def holder() -> str | None:
+        doc = await leases.find_one({"_id": "outbox-relay"})
+        return None if doc is None else str(doc["owner"])
+
     try:
         await relays["first"].start()
         await wait_until(lambda: asyncio.sleep(0, first.streams == 1))
         await relays["second"].start()
         # it has asked for the lease three times (every third of the TTL) and been refused
         await wait_until(lambda: asyncio.sleep(0, second.lease_attempts >= 3))
+        assert await holder() == "first"
         assert second.streams == 0
-        await relays["first"].stop()  # gives the lease up
+        # an operator's tool takes the lease: the first stops watching, the second cannot start
+        await leases.update_one(
+            {"_id": "outbox-relay"},
+            {"$set": {"owner": "tool", "expires_at": datetime.now(UTC) + timedelta(minutes=1)}},
+        )
+        await wait_until(lambda: asyncio.sleep(0, first.streams_closed == 1))
+        await relays["first"].stop()
+        assert (first.streams, second.streams) == (1, 0)
+        await leases.delete_one({"_id": "outbox-relay", "owner": "tool"})
         await wait_until(lambda: asyncio.sleep(0, second.streams == 1))
         envelope = Envelope.new(
             OrganizationProvisioned(user_id="u1", organization_id="o1"), source="t"
@@ -189,7 +208,6 @@ async def test_only_the_relay_holding_the_lease_watches_the_outbox(
 
         await run_in_transaction(clients["first"], stage)
         await wait_until(lambda: asyncio.sleep(0, relays["second"].published == 1))
-        assert first.streams == 1
     finally:
         for relay in relays.values():
             await relay.stop()
@@ -197,3 +215,42 @@ async def test_only_the_relay_holding_the_lease_watches_the_outbox(
         await clients["first"].drop_database(name)
         for client in clients.values():
             await client.close()
+
+
+@pytest.mark.timeout(30)  # the failure this guards against froze the event loop
+async def test_a_relay_whose_change_stream_is_invalidated_opens_another(
+    isolation: Isolation, amqp: AbstractRobustConnection
+) -> None:
+    runtime = ServiceRuntime(
+        service="relayreopen",
+        settings=isolation.settings(ServiceSettings, "relayreopen"),
+        indexes={},
+    )
+    await runtime.start(consume=False)
+    commands = OutboxCommands()
+    client: AsyncMongoClient[Any] = AsyncMongoClient(
+        isolation.urls.mongo_url, event_listeners=[commands], w="majority", tz_aware=True
+    )
+    db = client[isolation.db_name("relayreopen_own")]
+    await db.create_collection(OUTBOX)
+    publisher = await ConfirmingPublisher.open(amqp, isolation.naming.events_exchange)
+    relay = OutboxRelay(db, publisher, owner="only", poll_interval_s=60)
+    try:
+        await relay.start()
+        await wait_until(lambda: asyncio.sleep(0, commands.streams == 1))
+        await db.drop_collection(OUTBOX)  # the stream ends with an "invalidate"
+        await wait_until(lambda: asyncio.sleep(0, commands.streams == 2))
+        envelope = Envelope.new(
+            OrganizationProvisioned(user_id="u1", organization_id="o1"), source="t"
+        )
+
+        async def stage(session: AsyncClientSession) -> None:
+            await stage_events(db, session, [envelope], aggregate_id="o1")
+
+        await run_in_transaction(client, stage)
+        await wait_until(lambda: asyncio.sleep(0, relay.published == 1))
+    finally:
+        await relay.stop()
+        await runtime.stop()
+        await client.drop_database(db.name)
+        await client.close()
