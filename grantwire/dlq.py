@@ -266,7 +266,7 @@ class ReplayReport:
     interrupted_before: int = 0
     claimed_by_running: int = 0  # replaying under a fresh claim: a run may still be sending
     in_doubt: int = 0
-    taken_over: int = 0  # sent by this run, but another run had claimed them before the mark
+    taken_over: int = 0  # claimed by this run, then by another before this one marked them
     stopped: str | None = None  # why the run stopped early (an error it could not go past)
     dry_run: bool = False
     duration_s: float = 0.0
@@ -346,22 +346,28 @@ async def replay(
             break
     report.duration_s = round(time.monotonic() - started, 3)
     if not dry_run:
-        await store.audit(
-            touched or {s for s in store.services(flt.service)},
-            {
-                "operation_id": report.operation_id,
-                "action": "replay",
-                "operator": operator,
-                "reason": reason,
-                "filter": flt.describe(),
-                "to_queue": to_queue,
-                "selected": report.selected,
-                "replayed": report.replayed,
-                "failed": report.failed,
-                "skipped": report.skipped,
-                "at": datetime.now(UTC),
-            },
-        )
+        record = {
+            "operation_id": report.operation_id,
+            "action": "replay",
+            "operator": operator,
+            "reason": reason,
+            "filter": flt.describe(),
+            "to_queue": to_queue,
+            "selected": report.selected,
+            "replayed": report.replayed,
+            "failed": report.failed,
+            "skipped": report.skipped,
+            "in_doubt": report.in_doubt,
+            "taken_over": report.taken_over,
+            "stopped": report.stopped,
+            "errors": report.errors[:100],
+            "at": datetime.now(UTC),
+        }
+        try:
+            await store.audit(touched or set(store.services(flt.service)), record)
+        except PyMongoError as exc:  # the report still goes out: it says what was sent
+            report.errors.append(f"audit record not written: {type(exc).__name__}: {exc}")
+            report.stopped = report.stopped or f"{type(exc).__name__}: {exc}"
     return report
 
 
@@ -455,7 +461,11 @@ async def _replay_batch(
     # after a failover it claims nothing twice: what it claimed before is no longer claimable.
     await retry_transient(
         lambda: collection.update_many(
-            {"_id": {"$in": ids}, **claimable(request.statuses, request.stale_claim_after)},
+            {
+                "_id": {"$in": ids},
+                "claim": {"$ne": report.operation_id},  # a retried claim keeps claimed_from
+                **claimable(request.statuses, request.stale_claim_after),
+            },
             [
                 {
                     "$set": {
@@ -511,6 +521,8 @@ async def _replay_batch(
             if any(r is not None and not isinstance(r, _REFUSED) for r in results):
                 break  # the channel is most likely gone: what follows is not sent
     marks: list[UpdateOne] = []
+    replayed = failed = in_doubt = 0
+    errors: list[str] = []
     for doc in claimed:
         mine = {"_id": doc["_id"], "claim": report.operation_id}
         if doc["_id"] not in outcomes:  # never published: back to the status it was claimed from
@@ -520,7 +532,7 @@ async def _replay_batch(
             continue
         error = outcomes[doc["_id"]]
         if error is None:
-            report.replayed += 1
+            replayed += 1
             exchange, routing_key = target(doc)
             history = {
                 **info(doc),
@@ -530,13 +542,13 @@ async def _replay_batch(
             }
             change: Document = {"$set": {"status": "replayed", "replayed_at": now}}
         elif isinstance(error, _REFUSED):
-            report.failed += 1
-            report.errors.append(f"{doc['_id']}: {type(error).__name__}: {error}")
+            failed += 1
+            errors.append(f"{doc['_id']}: {type(error).__name__}: {error}")
             history = {**info(doc), "action": "replay_failed", "error": str(error)}
             change = {"$set": {"status": "dead"}}
         else:
-            report.in_doubt += 1
-            report.errors.append(
+            in_doubt += 1
+            errors.append(
                 f"{doc['_id']}: in doubt, left replaying: {type(error).__name__}: {error}"
             )
             # Let go (still replaying): this run stops here, so --include-interrupted may
@@ -545,7 +557,18 @@ async def _replay_batch(
             marks.append(UpdateOne(mine, {"$unset": _CLAIM, "$push": {"history": history}}))
             continue
         marks.append(UpdateOne(mine, {**change, "$unset": _CLAIM, "$push": {"history": history}}))
-    written = await collection.bulk_write(marks, ordered=False)
+    try:
+        written = await retry_transient(lambda: collection.bulk_write(marks, ordered=False))
+    except Exception:
+        # Sent or refused, but not marked: they stay replaying under this run's claim, and
+        # the report names them, since --include-interrupted would send them again.
+        sent = [str(doc["_id"]) for doc in claimed if outcomes.get(doc["_id"], False) is None]
+        report.errors.append(f"delivered but not marked (left replaying): {', '.join(sent)}")
+        raise
+    report.replayed += replayed
+    report.failed += failed
+    report.in_doubt += in_doubt
+    report.errors += errors
     lost = len(marks) - written.matched_count
     if lost:
         # Another run took them over (this run's claim went stale): it reports them.
@@ -818,7 +841,8 @@ def replay_command(
         typer.Option(
             min=0,
             help="with --include-interrupted: seconds after which a claim belongs to a run "
-            "that died (a fresher one is left to its run)",
+            "that died (a fresher one is left to its run). A running replay renews its claim "
+            "every 10 s: below about 20 s, say so only when you know that run is gone",
         ),
     ] = STALE_CLAIM_AFTER.total_seconds(),
     as_json: AsJson = False,
@@ -904,8 +928,8 @@ def replay_command(
     if report.stopped:
         typer.echo(
             f"note: the run stopped early ({report.stopped}); letters it had claimed stay "
-            f"replaying and are taken by --include-interrupted once their claim is "
-            f"{STALE_CLAIM_AFTER.total_seconds():g} s old",
+            "replaying (see errors for any delivered but not marked), for "
+            "--include-interrupted once their claim is older than its --stale-claim-after",
             err=True,
         )
     if report.failed or report.in_doubt or report.stopped or report.taken_over:

@@ -12,6 +12,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import ServerSelectionTimeoutError
 from typer.testing import CliRunner
 
 from grantwire import dlq
@@ -653,3 +655,78 @@ async def test_a_run_that_cannot_go_on_reports_and_audits_what_it_did(
     assert not any("claim" in d for d in letters)
     audit = await runtime.db[DEAD_LETTER_AUDIT].find_one({"operation_id": report["operation_id"]})
     assert audit is not None and audit["replayed"] == 0
+
+
+async def test_a_database_lost_at_the_marks_still_reports_what_was_delivered(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime, dependency = kit
+    sent = await dead_signups(runtime, amqp, isolation, 2)
+    letters = {d["message_id"]: d["_id"] for d in await runtime.db[DEAD_LETTERS].find().to_list()}
+    write = AsyncCollection.bulk_write
+
+    async def database_gone(self: AsyncCollection[Any], requests: Any, **kw: Any) -> Any:
+        if self.name == DEAD_LETTERS and self.database.name == isolation.db_name("kit"):
+            raise ServerSelectionTimeoutError("no primary")
+        return await write(self, requests, **kw)
+
+    async def no_audit(self: DeadLetterStore, services: Any, record: Any) -> None:
+        raise ServerSelectionTimeoutError("no primary")
+
+    monkeypatch.setattr(AsyncCollection, "bulk_write", database_gone)
+    monkeypatch.setattr(DeadLetterStore, "audit", no_audit)
+    monkeypatch.setattr(dlq, "retry_transient", _once)
+    dependency.broken = False
+    result = await asyncio.to_thread(
+        cli, isolation, "dlq", "replay", "--service", "kit", "--reason", "r"
+    )
+    assert result.exit_code == 1, result.output
+    report = report_of(result)
+    assert "ServerSelectionTimeoutError" in report["stopped"]
+    assert report["replayed"] == 0  # nothing is marked replayed
+    delivered = next(e for e in report["errors"] if e.startswith("delivered but not marked"))
+    assert all(str(letters[e.id]) in delivered for e in sent)
+    assert any(e.startswith("audit record not written") for e in report["errors"])
+    await wait_until(lambda: _applied(dependency, [e.id for e in sent]))
+
+
+async def _once(operation: Any, attempts: int = 3, pause_s: float = 0.5) -> Any:
+    return await operation()
+
+
+async def test_a_claim_tried_again_keeps_the_status_it_took_the_letter_from(
+    kit: tuple[ServiceRuntime, FlakyDependency],
+    amqp: AbstractRobustConnection,
+    isolation: Isolation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime, _ = kit
+    first, second = await dead_signups(runtime, amqp, isolation, 2)
+    letters = runtime.db[DEAD_LETTERS]
+    # the second carries the first's message id: it waits for a second wave, which never
+    # comes (the first wave ends in doubt), so it is given back unsent
+    await letters.update_one(
+        {"message_id": second.id},
+        {"$set": {"message_id": first.id, "properties.message_id": first.id}},
+    )
+    retry = dlq.retry_transient
+
+    async def reply_lost_once(operation: Any, attempts: int = 3, pause_s: float = 0.5) -> Any:
+        await operation()  # applied, but its answer is lost: the claim runs again
+        return await retry(operation, attempts, 0)
+
+    async def broker_gone(self: ConfirmingPublisher, message: Any, **kw: Any) -> None:
+        raise ConnectionError("channel closed")
+
+    monkeypatch.setattr(dlq, "retry_transient", reply_lost_once)
+    monkeypatch.setattr(ConfirmingPublisher, "publish_message", broker_gone)
+    args = ("dlq", "replay", "--service", "kit", "--reason", "r", "--include-interrupted")
+    result = await asyncio.to_thread(cli, isolation, *args, "--stale-claim-after", "0")
+    assert result.exit_code == 1, result.output
+    docs = await letters.find({}).sort("failed_at", 1).to_list()
+    assert [d["status"] for d in docs] == ["replaying", "dead"]  # in doubt; given back
+    assert docs[0]["history"][-1]["action"] == "in_doubt"
+    assert not any({"claim", "claimed_at", "claimed_from"} & set(d) for d in docs)
