@@ -268,6 +268,7 @@ class ReplayReport:
     in_doubt: int = 0
     taken_over: int = 0  # claimed by this run, then by another before this one marked them
     stopped: str | None = None  # why the run stopped early (an error it could not go past)
+    audit_written: bool = True
     dry_run: bool = False
     duration_s: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -367,7 +368,7 @@ async def replay(
             await store.audit(touched or set(store.services(flt.service)), record)
         except PyMongoError as exc:  # the report still goes out: it says what was sent
             report.errors.append(f"audit record not written: {type(exc).__name__}: {exc}")
-            report.stopped = report.stopped or f"{type(exc).__name__}: {exc}"
+            report.audit_written = False
     return report
 
 
@@ -558,23 +559,39 @@ async def _replay_batch(
             continue
         marks.append(UpdateOne(mine, {**change, "$unset": _CLAIM, "$push": {"history": history}}))
     try:
-        written = await retry_transient(lambda: collection.bulk_write(marks, ordered=False))
+        # Each mark matches only while this run's claim is there and removes it, so a retry
+        # after an attempt that was applied matches nothing again.
+        await retry_transient(lambda: collection.bulk_write(marks, ordered=False))
     except Exception:
-        # Sent or refused, but not marked: they stay replaying under this run's claim, and
-        # the report names them, since --include-interrupted would send them again.
-        sent = [str(doc["_id"]) for doc in claimed if outcomes.get(doc["_id"], False) is None]
-        report.errors.append(f"delivered but not marked (left replaying): {', '.join(sent)}")
+        # Not marked: they stay replaying under this run's claim, and the report names the
+        # ones that may have gone out, since --include-interrupted would send them again.
+        gone = [
+            str(doc["_id"])
+            for doc in claimed
+            if doc["_id"] in outcomes and not isinstance(outcomes[doc["_id"]], _REFUSED)
+        ]
+        if gone:
+            report.errors.append(
+                f"delivered or in doubt, not marked (left replaying): {', '.join(gone)}"
+            )
+        report.in_doubt += in_doubt
+        report.errors += errors
         raise
     report.replayed += replayed
     report.failed += failed
     report.in_doubt += in_doubt
     report.errors += errors
-    lost = len(marks) - written.matched_count
-    if lost:
-        # Another run took them over (this run's claim went stale): it reports them.
-        report.taken_over += lost
+    # Claimed by another run before this one marked them (this run's claim went stale).
+    taken = await collection.count_documents(
+        {
+            "_id": {"$in": [doc["_id"] for doc in claimed]},
+            "claim": {"$nin": [None, report.operation_id]},
+        }
+    )
+    if taken:
+        report.taken_over += taken
         report.errors.append(
-            f"{lost} letters were claimed by another run before this one marked them"
+            f"{taken} letters were claimed by another run before this one marked them"
         )
     return True
 
@@ -932,7 +949,15 @@ def replay_command(
             "--include-interrupted once their claim is older than its --stale-claim-after",
             err=True,
         )
-    if report.failed or report.in_doubt or report.stopped or report.taken_over:
+    if not report.audit_written:
+        typer.echo("note: the audit record could not be written (see errors)", err=True)
+    if (
+        report.failed
+        or report.in_doubt
+        or report.stopped
+        or report.taken_over
+        or not report.audit_written
+    ):
         raise typer.Exit(1)
 
 

@@ -226,12 +226,13 @@ async def test_a_batch_that_fails_runs_each_event_alone_with_its_own_outcome(
     )
 
     assert isinstance(results[1], ConnectionError)  # only its message is retried
-    assert [await outcome(harness, r) for r in (results[0], results[2])] == [
+    # u1 and u3 run alone at once: which of them gets the plain slug is a race
+    assert sorted([await outcome(harness, r) for r in (results[0], results[2])]) == [
         ("created", "Ada's organization", "adas-organization", None, None),
         ("created", "Ada's organization", "adas-organization-2", None, None),
     ]
     assert await user_doc(harness.db, "u2") is None  # nothing of the failed batch committed
-    assert [m["user_id"] for m in await all_memberships(harness.db)] == ["u1", "u3"]
+    assert sorted(m["user_id"] for m in await all_memberships(harness.db)) == ["u1", "u3"]
 
 
 async def test_the_message_handlers_share_batches_and_each_event_continues_its_trace(

@@ -36,13 +36,14 @@ def two_owners(
 async def test_hold_renews_only_when_a_third_of_the_ttl_has_passed(
     isolation: Isolation, mongo: AsyncMongoClient[Document]
 ) -> None:
-    ttl = timedelta(seconds=0.6)
+    ttl = timedelta(seconds=3)  # a third of it (1 s) outlasts a loaded machine's round trips
     db, lease, other = two_owners(isolation, mongo, ttl)
 
     started = time.monotonic()
     assert await lease.hold()  # first call: a real acquire
     first = await renewed_at(lease, mongo, db)
     assert await lease.hold()  # within ttl/3: no round trip, the document is unchanged
+    assert time.monotonic() - started < ttl.total_seconds() / 3, "too slow to tell"
     assert await renewed_at(lease, mongo, db) == first
     assert not await other.hold()  # and the lease is still ours for everyone else
 

@@ -170,7 +170,7 @@ async def test_only_the_relay_holding_the_lease_watches_the_outbox(
         second = OutboxCommands()
         other = counted_client(isolation, second)
         publisher = await ConfirmingPublisher.open(amqp, isolation.naming.events_exchange)
-        ttl = timedelta(seconds=0.6)
+        ttl = timedelta(seconds=1.5)  # renewed every 0.5 s: a stalled loop still renews in time
         relays = {
             # the first renews its lease while it idles (it polls more often than ttl / 3)
             "first": OutboxRelay(db, publisher, owner="first", lease_ttl=ttl, poll_interval_s=0.1),
