@@ -20,6 +20,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.contracts import OrganizationProvisioned
@@ -243,6 +244,30 @@ async def test_a_relay_whose_change_stream_is_invalidated_opens_another(
             await db.drop_collection(OUTBOX)  # the stream ends with an "invalidate"
             await wait_until(lambda: asyncio.sleep(0, commands.streams == 2))
             await _commit_one_event(client, db)
+            await wait_until(lambda: asyncio.sleep(0, relay.published == 1))
+        finally:
+            await relay.stop()
+
+
+async def test_a_document_committed_just_before_the_stream_began_is_read_at_once(
+    isolation: Isolation, amqp: AbstractRobustConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with counted_outbox(isolation, "relaygap") as (commands, client, db):
+        publisher = await ConfirmingPublisher.open(amqp, isolation.naming.events_exchange)
+        relay = OutboxRelay(db, publisher, owner="only", poll_interval_s=60)
+        watch = AsyncCollection.watch
+
+        async def commit_then_watch(self: AsyncCollection[Any], *args: Any, **kw: Any) -> Any:
+            # the relay has read (nothing); another replica commits before the stream
+            # begins, so the stream never tells of that document
+            await wait_until(lambda: asyncio.sleep(0, commands.finds >= 1 and relay.caught_up))
+            await _commit_one_event(client, db)
+            return await watch(self, *args, **kw)
+
+        monkeypatch.setattr(AsyncCollection, "watch", commit_then_watch)
+        try:
+            await relay.start()
+            # no 60 s poll: the stream's opening read finds it
             await wait_until(lambda: asyncio.sleep(0, relay.published == 1))
         finally:
             await relay.stop()
