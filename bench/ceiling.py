@@ -24,6 +24,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from bench.common import spread
+
 PREFETCH = 256  # billing's shipped prefetch
 WORK_QUEUE = "bench.ceiling"  # under the part's namespace
 CREDIT = "billing.credits_granted"
@@ -129,8 +131,6 @@ WHAT = (
 
 def summary(results: list[dict[str, Any]], baseline: float | None) -> dict[str, Any]:
     """The ceiling's figure (median of its runs) and its ratio to the raw baseline."""
-    from bench.common import spread
-
     figure = spread([r["grants_per_s"] for r in results], 0)
     return {
         "grants_per_s": figure,

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractRobustConnection
 from pymongo import AsyncMongoClient
 
 from bench import ceiling, profiling
@@ -234,7 +235,7 @@ async def run(bench: Bench, baseline: dict[str, Any] | None) -> dict[str, Any]:
 
 async def _ceiling(
     bench: Bench,
-    connection: Any,
+    connection: AbstractRobustConnection,
     naming: Naming,
     publisher: Pipelined,
     tap: CreditTap,

@@ -41,11 +41,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo import AsyncMongoClient, ReadPreference, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import PyMongoError
 
 from shared.deadletters import DEAD_LETTER_AUDIT, DEAD_LETTERS
 from shared.logging import mask_url
-from shared.mongo import Document, create_client
+from shared.mongo import Document, create_client, is_transient
 from shared.publisher import ConfirmingPublisher, PublishRejectedError, UnroutableError
 
 FAILURE_HEADER_PREFIX = "x-grantwire-"
@@ -136,8 +136,8 @@ class Filter:
 
 def claimable(statuses: tuple[str, ...], stale_claim_after: timedelta | None) -> Document:
     """The letters of ``statuses``; with ``stale_claim_after``, a ``replaying`` one only when
-    no run may still be sending it: its run let it go (no claim: in doubt), or its claim is
-    older than that (the run died; a claim without a time is from an older command)."""
+    no run may still be sending it: its claim has no time (its run let it go, in doubt, or
+    it is from an older command), or its time is older than that (the run died)."""
     if "replaying" not in statuses or stale_claim_after is None:
         return {"status": {"$in": list(statuses)}}
     others = [status for status in statuses if status != "replaying"]
@@ -146,7 +146,6 @@ def claimable(statuses: tuple[str, ...], stale_claim_after: timedelta | None) ->
     abandoned: Document = {
         "status": "replaying",
         "$or": [
-            {"claim": {"$exists": False}},
             {"claimed_at": {"$exists": False}},
             {"$expr": {"$lt": ["$claimed_at", {"$subtract": ["$$NOW", stale_ms]}]}},
         ],
@@ -610,10 +609,7 @@ async def retry_transient(
         try:
             return await operation()
         except PyMongoError as exc:
-            transient = isinstance(exc, ConnectionFailure) or exc.has_error_label(
-                "RetryableWriteError"
-            )
-            if not transient or attempt == attempts:
+            if not is_transient(exc) or attempt == attempts:
                 raise
             await asyncio.sleep(pause_s * attempt)
     raise AssertionError("unreachable")

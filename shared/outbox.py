@@ -19,10 +19,10 @@ them (through a partial index of the documents backing off).
 Round trips are what an event costs here (the database's journal flush above all), so the
 relay spends few: only the relay holding the lease watches the outbox (a change stream costs
 the database a scan of its oplog); the lease is renewed once per third of its TTL, not per
-batch; marking
-documents sent is acknowledged by the primary without waiting for the journal (lost in a
-crash, a document is published again, which consumers dedupe anyway); and a change-stream
-notice of a document the relay has already read does not wake it for an empty read.
+batch; marking documents sent is acknowledged by the primary without waiting for the journal
+(lost in a crash, a document is published again, which consumers dedupe anyway); and a
+change-stream notice of a document the relay has already read does not wake it for an
+empty read.
 """
 
 from __future__ import annotations
